@@ -1,0 +1,242 @@
+"""Samplers of one signature, stateless, in continuous time.
+
+Every sampler is ``sample_*(denoise, x, ts, *, cond, generator, callback, progress) -> x0`` where ``denoise``
+is a :class:`~distill.denoiser.Denoiser` (anything with ``.schedule`` and ``__call__(x_t, t, cond) -> x0_hat``),
+``x`` the starting state at ``ts[0]`` and ``ts`` a decreasing 1-D tensor of times ending at 0. Time 0 is treated
+as clean data (``alpha = 1, sigma = 0``) whatever the schedule's clipping. Noise comes from a
+:class:`PerSampleGenerator`, so sample ``i`` depends only on its own seed, never on batch size or backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from distill.schedules import Schedule, karras_sigmas
+
+# EDM's sigma range (Karras et al. 2022, Table 1), on the VE-equivalent noise level sigma / alpha: "karras" and
+# "logsnr" spacings stop at SIGMA_MIN_VE before the last step, and "karras" starts no higher than SIGMA_MAX_VE
+# (a VP cosine schedule reaches sigma / alpha = e^10 at t = 1, where rho = 7 spacing would waste most steps).
+SIGMA_MIN_VE, SIGMA_MAX_VE = 0.002, 80.0
+
+
+class PerSampleGenerator:
+    """One ``torch.Generator`` per sample, seeded ``seeds[i]`` (as EDM's ``StackedRandomGenerator``)."""
+
+    def __init__(self, seeds: Sequence[int]):
+        self.seeds = [int(s) for s in seeds]
+        self.generators = [torch.Generator().manual_seed(s) for s in self.seeds]
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def randn(self, shape: Sequence[int], *, dtype=torch.float32, device="cpu") -> Tensor:
+        """A ``(len(seeds), *shape)`` standard normal tensor, row ``i`` drawn from generator ``i``."""
+        rows = [torch.randn(tuple(shape), generator=g, dtype=torch.float32) for g in self.generators]
+        return torch.stack(rows).to(device=device, dtype=dtype)
+
+
+def alpha_sigma_at(schedule: Schedule, t: Tensor) -> tuple[float, float]:
+    """``(alpha, sigma)`` at one sampler time, with ``t = 0`` mapped to clean data exactly."""
+    if float(t) <= 0.0:
+        return 1.0, 0.0
+    alpha, sigma = schedule.alpha_sigma(torch.as_tensor(t, dtype=torch.float64))
+    return float(alpha), float(sigma)
+
+
+def prior_sample(schedule: Schedule, generator: PerSampleGenerator, shape: Sequence[int], t_max: float = 1.0,
+                 device="cpu", dtype=torch.float32) -> Tensor:
+    """The starting state ``x_T = sigma(t_max) * eps`` (the data term is negligible at ``t_max``)."""
+    _, sigma = alpha_sigma_at(schedule, torch.tensor(t_max))
+    return sigma * generator.randn(shape, device=device, dtype=dtype)
+
+
+def make_timesteps(schedule: Schedule, steps: int, spacing: str = "uniform", t_max: float = 1.0) -> Tensor:
+    """``steps + 1`` decreasing times from ``t_max`` to 0.
+
+    ``uniform`` is even in t; ``karras`` even in ``sigma^(1/7)`` of the VE-equivalent noise level (Karras et al.
+    2022, Eq. 5) from ``min(sigma(t_max), 80)``; ``logsnr`` even in log-SNR (Lu et al. 2022). The last two stop
+    at ``sigma = 0.002`` and then step to clean data. Start sampling at ``ts[0]`` (see :func:`prior_sample`).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if spacing == "uniform":
+        return torch.linspace(t_max, 0.0, steps + 1, dtype=torch.float64)
+    t_max_ = torch.tensor(t_max, dtype=torch.float64)
+    # A schedule whose own t = 0 is already sigma_min (Karras) still needs a grid point apart from the final
+    # clean-data point, hence the small floor.
+    t_min = schedule.t_of_sigma_ve(torch.tensor(SIGMA_MIN_VE, dtype=torch.float64)).clamp(1e-4 * t_max, t_max)
+    if steps == 1:
+        inner = t_max_.reshape(1)
+    elif spacing == "karras":
+        sig_max, sig_min = torch.exp(-0.5 * schedule.logsnr(torch.stack([t_max_, t_min])))
+        u = torch.linspace(0, 1, steps, dtype=torch.float64)
+        sigmas = karras_sigmas(u, float(sig_min), min(float(sig_max), SIGMA_MAX_VE), 7.0)
+        inner = schedule.t_of_sigma_ve(sigmas)
+        t_max = float(inner[0])
+    elif spacing == "logsnr":
+        lam = torch.linspace(float(schedule.logsnr(t_max_)), float(schedule.logsnr(t_min)), steps,
+                             dtype=torch.float64)
+        inner = schedule.t_of_logsnr(lam)
+    else:
+        raise ValueError(f"unknown spacing {spacing!r}: use uniform, karras or logsnr")
+    inner[0] = t_max  # exact start, free of round-off through the inverse
+    return torch.cat([inner, torch.zeros(1, dtype=torch.float64)])
+
+
+def ddim_step(x_t: Tensor, x0: Tensor, a_t: float, s_t: float, a_s: float, s_s: float, eta: float = 0.0,
+              noise: Tensor | None = None) -> Tensor:
+    """One DDIM step t -> s (Song et al. 2021, Eq. 12) in general (alpha, sigma) form.
+
+    ``eta`` scales the ancestral noise ``c^2 = eta^2 (s_s^2 / s_t^2) (s_t^2 - (a_t/a_s)^2 s_s^2)``;
+    ``eta = 1`` is exactly the DDPM posterior step q(x_s | x_t, x0) (Ho et al. 2020, Eq. 7).
+    """
+    eps = (x_t - a_t * x0) / s_t
+    c2 = 0.0
+    if eta > 0 and s_s > 0:
+        c2 = eta**2 * (s_s**2 / s_t**2) * max(s_t**2 - (a_t / a_s) ** 2 * s_s**2, 0.0)
+    x_s = a_s * x0 + max(s_s**2 - c2, 0.0) ** 0.5 * eps
+    if c2 > 0:
+        x_s = x_s + c2**0.5 * noise
+    return x_s
+
+
+def _loop(ts: Tensor, progress: bool, desc: str):
+    return tqdm(range(len(ts) - 1), desc=desc, disable=not progress, leave=False)
+
+
+def _noise_like(x: Tensor, generator: PerSampleGenerator | None) -> Tensor:
+    if generator is None:
+        raise ValueError("a stochastic sampler needs a PerSampleGenerator")
+    return generator.randn(x.shape[1:], dtype=x.dtype, device=x.device)
+
+
+def _t(ts: Tensor, i: int, x: Tensor) -> Tensor:
+    return ts[i].to(x.device).expand(x.shape[0])
+
+
+Callback = Callable[[dict], None]
+
+
+@torch.no_grad()
+def sample_ddim(denoise, x: Tensor, ts: Tensor, *, cond=None, generator: PerSampleGenerator | None = None,
+                callback: Callback | None = None, progress: bool = False, eta: float = 0.0) -> Tensor:
+    """DDIM (Song et al. 2021), deterministic at ``eta = 0``."""
+    for i in _loop(ts, progress, "ddim"):
+        a_t, s_t = alpha_sigma_at(denoise.schedule, ts[i])
+        a_s, s_s = alpha_sigma_at(denoise.schedule, ts[i + 1])
+        x0 = denoise(x, _t(ts, i, x), cond)
+        noise = _noise_like(x, generator) if eta > 0 and s_s > 0 else None
+        x = ddim_step(x, x0, a_t, s_t, a_s, s_s, eta, noise)
+        if callback is not None:
+            callback({"i": i, "t": ts[i], "x": x, "denoised": x0})
+    return x
+
+
+@torch.no_grad()
+def sample_ddpm(denoise, x: Tensor, ts: Tensor, *, cond=None, generator: PerSampleGenerator | None = None,
+                callback: Callback | None = None, progress: bool = False) -> Tensor:
+    """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2), i.e. DDIM with ``eta = 1``."""
+    return sample_ddim(denoise, x, ts, cond=cond, generator=generator, callback=callback, progress=progress,
+                       eta=1.0)
+
+
+def _karras_ode(denoise, x: Tensor, ts: Tensor, cond, callback, progress, heun: bool) -> Tensor:
+    # Karras et al. (2022) Algorithms 1-2 on the VE-equivalent state x~ = x / alpha, sigma~ = sigma / alpha,
+    # where the probability-flow ODE is dx~/dsigma~ = (x~ - D(x~; sigma~)) / sigma~.
+    for i in _loop(ts, progress, "heun" if heun else "euler"):
+        a_cur, s_cur = alpha_sigma_at(denoise.schedule, ts[i])
+        a_next, s_next = alpha_sigma_at(denoise.schedule, ts[i + 1])
+        t_hat, t_next = s_cur / a_cur, s_next / a_next
+        x0 = denoise(x, _t(ts, i, x), cond)
+        x_hat = x / a_cur
+        d_cur = (x_hat - x0) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur  # Euler step (Algorithm 1, line 5)
+        if heun and t_next > 0:
+            # 2nd-order correction (Algorithm 1, lines 6-8).
+            x0_next = denoise(a_next * x_next, _t(ts, i + 1, x), cond)
+            d_prime = (x_next - x0_next) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+        x = a_next * x_next
+        if callback is not None:
+            callback({"i": i, "t": ts[i], "x": x, "denoised": x0})
+    return x
+
+
+@torch.no_grad()
+def sample_euler(denoise, x: Tensor, ts: Tensor, *, cond=None, generator: PerSampleGenerator | None = None,
+                 callback: Callback | None = None, progress: bool = False) -> Tensor:
+    """Euler steps on the probability-flow ODE (Karras et al. 2022, Algorithm 1 without correction)."""
+    return _karras_ode(denoise, x, ts, cond, callback, progress, heun=False)
+
+
+@torch.no_grad()
+def sample_heun(denoise, x: Tensor, ts: Tensor, *, cond=None, generator: PerSampleGenerator | None = None,
+                callback: Callback | None = None, progress: bool = False) -> Tensor:
+    """Algorithm 1 (deterministic Heun steps) from Karras et al. (2022); Euler on the last step to sigma = 0."""
+    return _karras_ode(denoise, x, ts, cond, callback, progress, heun=True)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoise, x: Tensor, ts: Tensor, *, cond=None, generator: PerSampleGenerator | None = None,
+                    callback: Callback | None = None, progress: bool = False) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), multistep data-prediction form."""
+    x0_prev, h_prev = None, None
+    for i in _loop(ts, progress, "dpmpp_2m"):
+        a_t, s_t = alpha_sigma_at(denoise.schedule, ts[i])
+        a_s, s_s = alpha_sigma_at(denoise.schedule, ts[i + 1])
+        x0 = denoise(x, _t(ts, i, x), cond)
+        if s_s == 0:
+            x = x0  # the limit h -> inf of the first-order update
+        else:
+            # Lu et al.'s lambda is half our log-SNR: log(alpha / sigma).
+            h = torch.log(torch.tensor(a_s / s_s)) - torch.log(torch.tensor(a_t / s_t))
+            if x0_prev is None:
+                d = x0
+            else:
+                r = h_prev / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+            x = (s_s / s_t) * x - a_s * float(torch.expm1(-h)) * d
+            x0_prev, h_prev = x0, h
+        if callback is not None:
+            callback({"i": i, "t": ts[i], "x": x, "denoised": x0})
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "euler": sample_euler,
+    "heun": sample_heun,
+    "dpmpp_2m": sample_dpmpp_2m,
+}
+
+# The spacing each sampler is usually run with (overridable).
+DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "uniform", "euler": "karras", "heun": "karras",
+                   "dpmpp_2m": "logsnr"}
+
+
+def nfe(sampler: str, steps: int) -> int:
+    """Network evaluations of ``steps`` steps (Heun's last step to sigma = 0 is a plain Euler step)."""
+    return 2 * steps - 1 if sampler == "heun" else steps
+
+
+def steps_for_nfe(sampler: str, evaluations: int) -> int:
+    """The most steps whose cost is at most ``evaluations`` network evaluations (at least one step)."""
+    return max(1, (evaluations + 1) // 2) if sampler == "heun" else max(1, evaluations)
+
+
+def generate(denoise, shape: Sequence[int], seeds: Sequence[int], *, sampler: str = "ddim", steps: int = 50,
+             spacing: str | None = None, cond=None, device="cpu", dtype=torch.float32, progress: bool = False,
+             eta: float | None = None) -> Tensor:
+    """Draw one sample per seed: prior noise, timesteps, sampler; the common path of CLI and benchmarks."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
+    generator = PerSampleGenerator(seeds)
+    ts = make_timesteps(denoise.schedule, steps, spacing or DEFAULT_SPACING[sampler])
+    x = prior_sample(denoise.schedule, generator, shape, float(ts[0]), device=device, dtype=dtype)
+    kwargs = {"eta": eta} if eta is not None and sampler == "ddim" else {}
+    return SAMPLERS[sampler](denoise, x, ts, cond=cond, generator=generator, progress=progress, **kwargs)

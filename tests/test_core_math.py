@@ -1,0 +1,269 @@
+"""Schedules, parameterizations and samplers against closed forms."""
+
+import math
+
+import pytest
+import torch
+
+from distill.denoiser import Cond, Denoiser, cfg_combine, time_input
+from distill.parameterization import PREDICTIONS, from_x0, to_x0
+from distill.samplers import (
+    DEFAULT_SPACING,
+    SAMPLERS,
+    PerSampleGenerator,
+    generate,
+    make_timesteps,
+    prior_sample,
+    nfe,
+)
+from distill.schedules import (
+    CosineSchedule,
+    DiscreteSchedule,
+    KarrasSchedule,
+    karras_sigmas,
+    schedule_from_config,
+)
+
+ALL_SCHEDULES = [
+    CosineSchedule(),
+    DiscreteSchedule("linear"),
+    DiscreteSchedule("scaled_linear", beta_start=0.00085, beta_end=0.012),
+    DiscreteSchedule("squaredcos_cap_v2"),
+    KarrasSchedule(),
+]
+
+
+@pytest.mark.parametrize("schedule", ALL_SCHEDULES, ids=lambda s: s.config().get("beta_schedule", s.name))
+def test_t_of_logsnr_inverts_logsnr(schedule):
+    t = torch.linspace(0, 1, 1001, dtype=torch.float64)
+    lam = schedule.logsnr(t)
+    assert torch.all(lam[1:] < lam[:-1]), "log-SNR must decrease in t"
+    assert torch.allclose(schedule.t_of_logsnr(lam), t, atol=1e-9)
+
+
+@pytest.mark.parametrize("schedule", ALL_SCHEDULES[:4], ids=lambda s: s.config().get("beta_schedule", s.name))
+def test_vp_schedules_preserve_variance(schedule):
+    alpha, sigma = schedule.alpha_sigma(torch.linspace(0, 1, 101, dtype=torch.float64))
+    assert torch.allclose(alpha**2 + sigma**2, torch.ones_like(alpha), atol=1e-12)
+
+
+def test_cosine_schedule_endpoints_and_midpoint():
+    s = CosineSchedule()
+    lam = s.logsnr(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert torch.allclose(lam, torch.tensor([20.0, -20.0], dtype=torch.float64))
+    # Unclipped cosine: lambda(1/2) = -2 log tan(pi/4) = 0 up to the clipping shift.
+    assert abs(float(s.logsnr(torch.tensor(0.5, dtype=torch.float64)))) < 1e-3
+
+
+def test_discrete_schedule_hits_the_table_at_its_knots():
+    s = DiscreteSchedule("linear")
+    ac = s.alphas_cumprod()
+    idx = torch.tensor([0, 10, 499, 999])
+    t = (idx + 1).double() / 1000
+    alpha, _ = s.alpha_sigma(t)
+    assert torch.allclose(alpha**2, ac[idx], rtol=1e-10)
+    assert torch.allclose(s.index_of_t(t), idx.double())
+    # diffusers' linear table: alphas_cumprod[-1] of the standard DDPM run.
+    assert math.isclose(float(ac[-1]), 4.0358e-5, rel_tol=1e-3)
+
+
+def test_karras_schedule_uniform_t_gives_karras_sigmas():
+    s = KarrasSchedule()
+    ts = torch.linspace(1, 0, 18, dtype=torch.float64)
+    _, sigma = s.alpha_sigma(ts)
+    i = torch.arange(18, dtype=torch.float64)
+    expected = karras_sigmas(i / 17, 0.002, 80.0, 7.0)
+    assert torch.allclose(sigma, expected, rtol=1e-12)
+    assert math.isclose(float(expected[0]), 80.0) and math.isclose(float(expected[-1]), 0.002)
+
+
+def test_schedule_config_round_trip():
+    for s in ALL_SCHEDULES:
+        assert schedule_from_config(s.config()) == s
+
+
+@pytest.mark.parametrize("kind", PREDICTIONS)
+@pytest.mark.parametrize("variance", ["vp", "ve"])
+def test_parameterization_round_trip(kind, variance):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(16, 3, 4, 4, generator=g, dtype=torch.float64)
+    eps = torch.randn(16, 3, 4, 4, generator=g, dtype=torch.float64)
+    if variance == "vp":
+        lam = torch.linspace(-15, 15, 16, dtype=torch.float64).reshape(-1, 1, 1, 1)
+        alpha, sigma = torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
+    else:
+        alpha, sigma = torch.ones(16, 1, 1, 1, dtype=torch.float64), torch.logspace(-3, 2, 16).double().reshape(
+            -1, 1, 1, 1)
+    x_t = alpha * x0 + sigma * eps
+    pred = from_x0(x0, kind, x_t, alpha, sigma)
+    assert torch.allclose(to_x0(pred, kind, x_t, alpha, sigma), x0, rtol=1e-9, atol=1e-9)
+    if kind == "eps":
+        assert torch.allclose(pred, eps, rtol=1e-8, atol=1e-8)
+    if kind == "v" and variance == "vp":
+        assert torch.allclose(pred, alpha * eps - sigma * x0, atol=1e-12)
+
+
+class GaussianDenoiser:
+    """The exact denoiser E[x0 | x_t] for data x0 ~ N(mu, Sigma): a closed-form test oracle."""
+
+    def __init__(self, schedule, mu, cov):
+        self.schedule, self.mu, self.cov = schedule, mu, cov
+        self.calls = 0
+
+    def __call__(self, x_t, t, cond=None):
+        self.calls += 1
+        alpha, sigma = self.schedule.alpha_sigma(t.double())
+        d = self.mu.numel()
+        out = torch.empty_like(x_t)
+        for a in torch.unique(alpha):
+            sel = alpha == a
+            s = sigma[sel][0]
+            # E[x0 | x_t] = mu + Sigma a (a^2 Sigma + s^2 I)^-1 (x_t - a mu)
+            gain = a * self.cov @ torch.linalg.inv(a**2 * self.cov + s**2 * torch.eye(d, dtype=torch.float64))
+            out[sel] = self.mu + (x_t[sel] - a * self.mu) @ gain.T
+        return out
+
+
+def _gaussian():
+    mu = torch.tensor([0.5, -0.3, 0.2], dtype=torch.float64)
+    a = torch.tensor([[0.6, 0.2, 0.0], [0.1, 0.4, 0.3], [0.0, -0.2, 0.5]], dtype=torch.float64)
+    return mu, a @ a.T + 0.01 * torch.eye(3, dtype=torch.float64)
+
+
+def _moments(x):
+    return x.mean(0), torch.cov(x.T)
+
+
+def _exact_flow(schedule, mu, cov, x_T, t_max=1.0):
+    """The probability-flow ODE's exact endpoint for Gaussian data (per eigen-direction of the covariance,
+    on the VE-equivalent state): ``x0 - mu = sqrt(s^2 / (s^2 + sigma_T^2)) (x_T / alpha_T - mu)``."""
+    alpha, sigma = schedule.alpha_sigma(torch.tensor(t_max, dtype=torch.float64))
+    s2, u = torch.linalg.eigh(cov)
+    gain = u @ torch.diag((s2 / (s2 + (sigma / alpha) ** 2)).sqrt()) @ u.T
+    return mu + (x_T.double() / alpha - mu) @ gain.T
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddim", 512), ("heun", 64), ("dpmpp_2m", 64), ("euler", 512)])
+@pytest.mark.parametrize("schedule", [CosineSchedule(), DiscreteSchedule("linear"), KarrasSchedule()],
+                         ids=["cosine", "discrete", "karras"])
+def test_deterministic_samplers_reproduce_gaussian_moments(sampler, steps, schedule):
+    mu, cov = _gaussian()
+    den = GaussianDenoiser(schedule, mu, cov)
+    n = 20000
+    x = generate(den, (3,), range(n), sampler=sampler, steps=steps, dtype=torch.float64)
+    # The same prior noise pushed through the exact flow map: its moments are the data's up to sampling error,
+    # which cancels in the comparison, so what remains is the solver's own error.
+    t_start = float(make_timesteps(schedule, steps, DEFAULT_SPACING[sampler])[0])
+    x_T = prior_sample(schedule, PerSampleGenerator(range(n)), (3,), t_start, dtype=torch.float64)
+    x_ref = _exact_flow(schedule, mu, cov, x_T, t_start)
+    (m, c), (m_ref, c_ref) = _moments(x), _moments(x_ref)
+    scale = torch.linalg.norm(cov)
+    assert torch.linalg.norm(m - m_ref) / torch.linalg.norm(mu) < 0.02
+    assert torch.linalg.norm(c - c_ref) / scale < 0.02
+    # And against the true moments, allowing for the sampling error of n draws.
+    assert torch.linalg.norm(c - cov) / scale < 0.02 + 4 * (2 / n) ** 0.5
+    assert den.calls == nfe(sampler, steps)
+
+
+def test_ddpm_ancestral_matches_moments_within_sampling_error():
+    mu, cov = _gaussian()
+    schedule = CosineSchedule()
+    n = 5000  # ancestral steps draw per-sample noise, so this test costs n * steps generator calls
+    x = generate(GaussianDenoiser(schedule, mu, cov), (3,), range(n), sampler="ddpm", steps=256, dtype=torch.float64)
+    m, c = _moments(x)
+    # Standard errors of a mean and a covariance entry from n samples.
+    se_mean = (torch.diag(cov) / n).sqrt()
+    se_cov = ((torch.diag(cov)[:, None] * torch.diag(cov)[None, :] + cov**2) / n).sqrt()
+    assert torch.all((m - mu).abs() < 4 * se_mean + 0.01 * cov.diag().sqrt())
+    assert torch.all((c - cov).abs() < 4 * se_cov + 0.02 * cov.abs().max())
+
+
+def test_ddim_converges_as_steps_grow():
+    mu, cov = _gaussian()
+    schedule = CosineSchedule()
+    errs = []
+    for steps in (4, 16, 64):
+        x = generate(GaussianDenoiser(schedule, mu, cov), (3,), range(4000), sampler="ddim", steps=steps, dtype=torch.float64)
+        errs.append(float(torch.linalg.norm(torch.cov(x.T) - cov)))
+    assert errs[0] > errs[1] > errs[2]
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_per_sample_seeds_do_not_depend_on_batch(sampler):
+    mu, cov = _gaussian()
+    den = GaussianDenoiser(CosineSchedule(), mu, cov)
+    full = generate(den, (3,), range(10, 18), sampler=sampler, steps=5, dtype=torch.float64)
+    part = torch.cat([generate(den, (3,), range(10, 13), sampler=sampler, steps=5, dtype=torch.float64),
+                      generate(den, (3,), range(13, 18), sampler=sampler, steps=5, dtype=torch.float64)])
+    assert torch.equal(full, part)
+    assert torch.equal(PerSampleGenerator([3]).randn((4,)), PerSampleGenerator([7, 3]).randn((4,))[1:])
+
+
+@pytest.mark.parametrize("spacing", ["uniform", "karras", "logsnr"])
+def test_timesteps_decrease_to_zero(spacing):
+    for s in ALL_SCHEDULES:
+        ts = make_timesteps(s, 10, spacing)
+        assert len(ts) == 11 and ts[-1] == 0.0 and (ts[0] == 1.0 or spacing == "karras")
+        assert torch.all(ts[1:] < ts[:-1])
+
+
+class _EchoNet(torch.nn.Module):
+    """Returns a fixed prediction of the requested type for known (x0, eps), and records its time input."""
+
+    def __init__(self, schedule, kind, x0, eps):
+        super().__init__()
+        self.schedule, self.kind, self.x0, self.eps = schedule, kind, x0, eps
+        self.t_in = None
+
+    def forward(self, x, t_in, labels):
+        self.t_in = t_in
+        alpha, sigma = self.schedule.alpha_sigma(self._t.double())
+        a, s = alpha.reshape(-1, 1).to(x), sigma.reshape(-1, 1).to(x)
+        return from_x0(self.x0, self.kind, x, a, s)
+
+
+@pytest.mark.parametrize("kind", PREDICTIONS)
+def test_denoiser_adapter_recovers_x0_for_every_prediction(kind):
+    schedule = CosineSchedule()
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(5, 2, generator=g), torch.randn(5, 2, generator=g)
+    t = torch.linspace(0.1, 0.9, 5)
+    alpha, sigma = schedule.alpha_sigma(t.double())
+    x_t = alpha.float()[:, None] * x0 + sigma.float()[:, None] * eps
+    net = _EchoNet(schedule, kind, x0, eps)
+    net._t = t
+    den = Denoiser(net, schedule, prediction=kind, time_input="t1000")
+    assert torch.allclose(den(x_t, t), x0, atol=1e-5)
+    assert torch.allclose(net.t_in, 1000 * t)
+    assert torch.allclose(den.eps(x_t, t), eps, atol=1e-4)
+
+
+def test_time_input_conventions():
+    t = torch.tensor([0.001, 0.5, 1.0], dtype=torch.float64)
+    d = DiscreteSchedule("linear")
+    assert torch.allclose(time_input(d, t, "index"), torch.tensor([0.0, 499.0, 999.0], dtype=torch.float64))
+    k = KarrasSchedule()
+    assert torch.allclose(time_input(k, t, "log_sigma"), 0.25 * torch.log(k.sigma(t)))
+    with pytest.raises(ValueError, match="discrete"):
+        time_input(k, t, "index")
+
+
+class _LabelNet(torch.nn.Module):
+    """x0 prediction = label value, so guidance arithmetic is visible."""
+
+    def forward(self, x, t_in, labels):
+        return labels.to(x.dtype)[:, None].expand_as(x)
+
+
+def test_classifier_free_guidance():
+    den = Denoiser(_LabelNet(), CosineSchedule(), prediction="x0", null_label=10)
+    x = torch.zeros(3, 2)
+    labels = torch.tensor([1, 2, 3])
+    assert torch.equal(den(x, 0.5, Cond(labels, 0.0)), torch.tensor([[1.0] * 2, [2.0] * 2, [3.0] * 2]))
+    # (1 + w) c - w null with null = 10, w = 2: 3c - 20
+    assert torch.allclose(den(x, 0.5, Cond(labels, 2.0))[:, 0], torch.tensor([-17.0, -14.0, -11.0]))
+    w = torch.tensor([0.0, 1.0, 2.0])
+    assert torch.allclose(den(x, 0.5, Cond(labels, w))[:, 0], torch.tensor([1.0, -6.0, -11.0]))
+    assert torch.allclose(cfg_combine(torch.tensor(2.0), torch.tensor(1.0), 0.5), torch.tensor(2.5))
+    with pytest.raises(ValueError, match="null class"):
+        Denoiser(_LabelNet(), CosineSchedule(), prediction="x0")(x, 0.5, Cond(labels, 1.0))
