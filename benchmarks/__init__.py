@@ -1,0 +1,1 @@
+"""Speed and quality benchmarks: harnesses, metrics, reports and plots."""

@@ -1,0 +1,128 @@
+"""Checkpoints: safetensors with JSON metadata, written atomically; never pickle.
+
+Two kinds of file:
+- a **model** (``model.safetensors``): the slim inference artifact, network weights plus the metadata that
+  rebuilds its :class:`~distill.denoiser.Denoiser` (architecture, schedule, prediction, time input, card);
+- a **training state** (``train_state.safetensors``): model, EMA and optimizer tensors plus the step, for resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import Tensor, nn
+
+from distill.errors import UsageError
+
+MODEL_FORMAT = "distill.model/1"
+STATE_FORMAT = "distill.train_state/1"
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``, so a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, Any]) -> None:
+    """Save tensors with ``metadata`` (JSON-encoded per key) atomically."""
+    meta = {k: json.dumps(v) for k, v in metadata.items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The JSON metadata of a safetensors file, with a clear error for a missing or corrupt one."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such checkpoint; give the path of a .safetensors file written by distill")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+        return {k: json.loads(v) for k, v in raw.items()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UsageError(f"{path}: not a readable safetensors checkpoint ({e}); re-create it") from None
+
+
+def load_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    meta = read_metadata(path)
+    try:
+        return load_file(str(path)), meta
+    except (SafetensorError, OSError) as e:
+        raise UsageError(f"{path}: corrupt checkpoint ({e}); re-create it") from None
+
+
+def save_model(path: Path, net: nn.Module, metadata: dict[str, Any]) -> None:
+    """Write the slim inference artifact: ``net``'s weights and the metadata that rebuilds its denoiser."""
+    save_tensors(path, net.state_dict(), {"format": MODEL_FORMAT, **metadata})
+
+
+def build_denoiser(meta: dict[str, Any], source: str = "checkpoint"):
+    """Rebuild an (untrained) denoiser from model metadata."""
+    from distill.denoiser import Denoiser
+    from distill.models.unet import UNet, UNetConfig
+    from distill.schedules import schedule_from_config
+
+    model, diffusion = meta.get("model", {}), meta.get("diffusion", {})
+    if model.get("arch") != "unet":
+        raise UsageError(f"{source}: unknown architecture {model.get('arch')!r}; this build knows 'unet'")
+    cfg = UNetConfig.from_dict(model["config"])
+    null = cfg.num_classes if cfg.num_classes else None
+    return Denoiser(UNet(cfg), schedule_from_config(diffusion["schedule"]), diffusion["prediction"],
+                    diffusion["time_input"], null_label=null)
+
+
+def load_denoiser(path: Path, device: str = "cpu"):
+    """Load a model file (or a run directory holding ``model.safetensors``) as an eval-mode denoiser."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    tensors, meta = load_tensors(path)
+    if meta.get("format") != MODEL_FORMAT:
+        raise UsageError(f"{path}: not a distill model file (format {meta.get('format')!r}); "
+                         "pass the model.safetensors of a run")
+    den = build_denoiser(meta, str(path))
+    try:
+        den.net.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise UsageError(f"{path}: weights do not match its stored config ({str(e).splitlines()[0]})") from None
+    den.metadata = meta
+    return den.to(device).eval()
+
+
+def optimizer_to_tensors(opt: torch.optim.Optimizer, prefix: str = "optim.") -> tuple[dict[str, Tensor], list]:
+    """Flatten an optimizer's state dict into tensors plus JSON-able param groups."""
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            tensors[f"{prefix}{idx}.{key}"] = torch.as_tensor(value)
+    return tensors, sd["param_groups"]
+
+
+def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], param_groups: list,
+                           prefix: str = "optim.") -> None:
+    state: dict[int, dict[str, Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith(prefix):
+            idx, key = name[len(prefix):].split(".", 1)
+            state.setdefault(int(idx), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": param_groups})

@@ -1,0 +1,174 @@
+"""The ``distill`` command line. Heavy imports (torch and friends) happen inside commands, so ``--help`` is instant.
+
+Exit codes: 0 success, 1 runtime failure, 2 usage or config error, 3 failed CI gate.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from distill import __version__
+from distill.errors import DistillError, UsageError
+
+
+def parse_int_list(text: str, option: str) -> list[int]:
+    """``"0-3,7,9-10"`` -> ``[0, 1, 2, 3, 7, 9, 10]``."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            lo, sep, hi = part.partition("-")
+            if sep:
+                a, b = int(lo), int(hi)
+                if b < a:
+                    raise ValueError
+                out.extend(range(a, b + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: expected integers and ranges like 0-63 or 1,2,5-9") from None
+    if not out:
+        raise UsageError(f"{option} is empty: give integers and ranges like 0-63")
+    return out
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="distill")
+def cli():
+    """distill: diffusion teachers in, fast students out.
+
+    \b
+    Quick start (a digits teacher in a few minutes on a CPU):
+      distill teacher train --data digits --out runs/digits
+      distill sample runs/digits --sampler dpmpp_2m --steps 20 --classes 0-9 --seeds 0-99
+    """
+
+
+@cli.group()
+def teacher():
+    """Train and inspect diffusion teachers."""
+
+
+@teacher.command("train")
+# main
+@click.option("--data", "data_spec", required=True, metavar="SPEC",
+              help="digits | mnist | folder:PATH | npz:PATH")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, metavar="DIR",
+              help="Run directory (model.safetensors, train_state.safetensors, metrics.jsonl).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--image-size", type=click.IntRange(4, 1024), default=None, metavar="PX",
+              help="Resize folder images to PX x PX.")
+@click.option("--unconditional", is_flag=True, help="Ignore class labels (no CFG).")
+# diffusion
+@click.option("--schedule", type=click.Choice(["cosine", "linear", "scaled_linear", "squaredcos_cap_v2"]),
+              default="cosine", help="Noise schedule (the last three are DDPM tables with T = 1000).")
+@click.option("--prediction", type=click.Choice(["v", "eps", "x0"]), default="v", help="What the network predicts.")
+# architecture
+@click.option("--channels", type=click.IntRange(4, 1024), default=32, metavar="C", help="UNet base width.")
+@click.option("--channel-mult", default=None, metavar="LIST",
+              help="Width multipliers per level, e.g. 1,2,2 [default: 1,2 for <= 16 px, else 1,2,2].")
+@click.option("--num-res-blocks", type=click.IntRange(1, 8), default=2, metavar="N")
+@click.option("--attn", "attn_res", default=None, metavar="LIST",
+              help="Resolutions with self-attention, e.g. 8 [default: the second-lowest resolution].")
+@click.option("--dropout", type=click.FloatRange(0, 0.9), default=0.1)
+# hyperparameters
+@click.option("--steps", type=click.IntRange(1), default=4000, metavar="N", help="Optimizer steps.")
+@click.option("--batch-size", type=click.IntRange(1), default=128, metavar="B")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4)
+@click.option("--warmup", type=click.IntRange(0), default=200, metavar="N")
+@click.option("--lr-decay", type=click.Choice(["constant", "linear", "cosine"]), default="constant")
+@click.option("--grad-clip", type=click.FloatRange(0), default=1.0)
+@click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=0.999)
+@click.option("--label-dropout", type=click.FloatRange(0, 1), default=0.1,
+              help="Probability of training on the null class (classifier-free guidance).")
+# performance and I/O
+@click.option("--bf16/--no-bf16", default=False, help="bf16 autocast (fast on CPUs with AMX).")
+@click.option("--seed", type=int, default=0)
+@click.option("--ckpt-every", type=click.IntRange(1), default=500, metavar="N")
+@click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads.")
+def teacher_train(data_spec, out, resume, image_size, unconditional, schedule, prediction, channels,
+                  channel_mult, num_res_blocks, attn_res, dropout, steps, batch_size, lr, warmup, lr_decay,
+                  grad_clip, ema_decay, label_dropout, bf16, seed, ckpt_every, threads):
+    """Train a diffusion teacher (a native UNet) on an image dataset.
+
+    \b
+    Example:
+      distill teacher train --data digits --out runs/digits --steps 4000
+      distill teacher train --data mnist --out runs/mnist --bf16 --resume
+    """
+    from distill.teacher import build_teacher, train_teacher
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    run = build_teacher(
+        data_spec=data_spec, image_size=image_size, unconditional=unconditional, schedule=schedule,
+        prediction=prediction, channels=channels, channel_mult=channel_mult, num_res_blocks=num_res_blocks,
+        attn_res=attn_res, dropout=dropout, label_dropout=label_dropout,
+        train=dict(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, lr_decay=lr_decay,
+                   grad_clip=grad_clip, ema_decay=ema_decay, bf16=bf16, seed=seed, ckpt_every=ckpt_every),
+    )
+    train_teacher(run, out, resume=resume, command=" ".join(["distill", *sys.argv[1:]]))
+    click.echo(f"wrote {out / 'model.safetensors'}")
+
+
+@cli.command("sample")
+@click.argument("checkpoint", type=click.Path(path_type=Path), metavar="CHECKPOINT")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
+              help="Output folder [default: CHECKPOINT's folder / samples].")
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "euler", "heun", "dpmpp_2m"]), default="dpmpp_2m")
+@click.option("--steps", type=click.IntRange(1, 10000), default=20, metavar="N", help="Sampler steps.")
+@click.option("--spacing", type=click.Choice(["uniform", "karras", "logsnr"]), default=None,
+              help="Timestep spacing [default: the sampler's usual one].")
+@click.option("--eta", type=click.FloatRange(0, 1), default=None, help="DDIM eta (0 = deterministic).")
+@click.option("--guidance", type=float, default=0.0, metavar="W",
+              help="Classifier-free guidance weight w: (1 + w) eps(c) - w eps(null).")
+@click.option("--classes", default=None, metavar="LIST",
+              help="Class labels, cycled over the seeds, e.g. 0-9 [default: all classes of a conditional model].")
+@click.option("--seeds", default="0-63", metavar="LIST", help="Per-sample seeds, e.g. 0-63 or 1,5,9.")
+@click.option("--batch-size", type=click.IntRange(1), default=256, metavar="B")
+@click.option("--device", default="cpu", help="torch device (cpu, cuda, cuda:1).")
+def sample(checkpoint, out, sampler, steps, spacing, eta, guidance, classes, seeds, batch_size, device):
+    """Generate images from a model checkpoint: a PNG grid and an .npz of the samples.
+
+    \b
+    Example:
+      distill sample runs/digits --sampler heun --steps 10 --guidance 1 --classes 0-9 --seeds 0-99
+    """
+    from distill.sampling import sample_to_files
+
+    seed_list = parse_int_list(seeds, "--seeds")
+    class_list = parse_int_list(classes, "--classes") if classes else None
+    out = out or (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "samples"
+    grid, npz = sample_to_files(checkpoint, out, sampler=sampler, steps=steps, spacing=spacing, eta=eta,
+                                guidance=guidance, classes=class_list, seeds=seed_list, batch_size=batch_size,
+                                device=device)
+    click.echo(f"wrote {grid} and {npz}")
+
+
+def main() -> None:
+    """Console entry point: user mistakes end with one line and their exit code, no traceback."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except DistillError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted (progress saved where the command checkpoints)", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Networks: the native UNet (and, later, adapters for other architectures)."""

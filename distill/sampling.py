@@ -1,0 +1,82 @@
+"""Sampling a checkpoint to files: the `distill sample` command's logic."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from distill.checkpoint import atomic_write, load_denoiser
+from distill.denoiser import Cond
+from distill.errors import UsageError
+from distill.samplers import generate
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def image_grid(images: np.ndarray, ncol: int | None = None, min_tile: int = 32) -> np.ndarray:
+    """Tile (N, H, W, C) uint8 images into one image, upscaling small tiles (nearest) to ``min_tile`` px."""
+    n, h, w, c = images.shape
+    scale = max(1, math.ceil(min_tile / h))
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+    h, w = h * scale, w * scale
+    ncol = ncol or math.ceil(math.sqrt(n))
+    nrow = math.ceil(n / ncol)
+    pad = 2
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 128, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, k = divmod(i, ncol)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = img
+    return grid
+
+
+def save_png(path: Path, array: np.ndarray) -> None:
+    from PIL import Image
+
+    img = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def sample_to_files(checkpoint: Path, out: Path, *, sampler: str, steps: int, spacing: str | None,
+                    eta: float | None, guidance: float, classes: list[int] | None, seeds: list[int],
+                    batch_size: int, device: str = "cpu") -> tuple[Path, Path]:
+    """Sample one image per seed and write ``grid.png`` and ``samples.npz`` (images, labels, seeds) to ``out``."""
+    den = load_denoiser(checkpoint, device)
+    num_classes = den.net.config.num_classes
+    if classes is not None and not num_classes:
+        raise UsageError(f"--classes: {checkpoint} is unconditional; drop --classes")
+    if guidance and not num_classes:
+        raise UsageError(f"--guidance: {checkpoint} is unconditional, so it cannot be guided; drop --guidance")
+    if classes is not None and any(c < 0 or c >= num_classes for c in classes):
+        raise UsageError(f"--classes: labels must be in 0-{num_classes - 1} for {checkpoint}")
+    if num_classes and classes is None:
+        classes = list(range(num_classes))
+    labels = torch.tensor([classes[i % len(classes)] for i in range(len(seeds))]) if classes else None
+    c = den.net.config
+    shape = (c.in_channels, c.image_size, c.image_size)
+    chunks = []
+    for start in range(0, len(seeds), batch_size):
+        sl = slice(start, start + batch_size)
+        cond = Cond(labels[sl].to(device) if labels is not None else None, guidance)
+        chunks.append(generate(den, shape, seeds[sl], sampler=sampler, steps=steps, spacing=spacing, cond=cond,
+                               device=device, eta=eta, progress=True).cpu())
+    images = to_uint8(torch.cat(chunks))
+    out = Path(out)
+    npz, grid = out / "samples.npz", out / "grid.png"
+    arrays = {"images": images, "seeds": np.array(seeds)}
+    if labels is not None:
+        arrays["labels"] = labels.numpy()
+    info = {"checkpoint": str(checkpoint), "sampler": sampler, "steps": steps, "spacing": spacing, "eta": eta,
+            "guidance": guidance}
+    arrays["info"] = np.array(json.dumps(info))
+    atomic_write(npz, lambda tmp: np.savez(open(tmp, "wb"), **arrays))
+    save_png(grid, image_grid(images, ncol=len(classes) if classes and len(seeds) % len(classes) == 0 else None))
+    return grid, npz

@@ -1,0 +1,106 @@
+"""Building and training a native diffusion teacher: the `distill teacher train` command's logic."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distill.data import ImageDataset, load_dataset
+from distill.errors import UsageError
+from distill.models.unet import UNetConfig
+from distill.schedules import CosineSchedule, DiscreteSchedule, Schedule
+from distill.training import STATE_FILE, TrainConfig, Trainer
+
+# diffusers' defaults for each DDPM beta table (start, end).
+BETA_RANGES = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012), "squaredcos_cap_v2": (1e-4, 0.02)}
+
+
+@dataclass
+class TeacherRun:
+    """Everything a teacher training run needs, validated before anything is written."""
+
+    data: ImageDataset
+    unet: UNetConfig
+    schedule: Schedule
+    prediction: str
+    label_dropout: float
+    train: TrainConfig
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "model": {"arch": "unet", "config": self.unet.to_dict()},
+            "diffusion": {"schedule": self.schedule.config(), "prediction": self.prediction,
+                          "time_input": "t1000"},
+            "method": {"name": "teacher", "label_dropout": self.label_dropout},
+        }
+
+
+def _int_tuple(text: str | None, option: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: expected comma-separated integers like 1,2,2") from None
+    return values
+
+
+def make_schedule(name: str) -> Schedule:
+    if name == "cosine":
+        return CosineSchedule()
+    start, end = BETA_RANGES[name]
+    return DiscreteSchedule(name, 1000, start, end)
+
+
+def build_teacher(*, data_spec: str, image_size: int | None, unconditional: bool, schedule: str, prediction: str,
+                  channels: int, channel_mult: str | None, num_res_blocks: int, attn_res: str | None,
+                  dropout: float, label_dropout: float, train: dict[str, Any]) -> TeacherRun:
+    """Load the data and resolve the architecture defaults from the image size."""
+    data = load_dataset(data_spec, image_size)
+    c, h, w = data.shape
+    if h != w:
+        raise UsageError(f"--data {data_spec}: images are {h}x{w}; the UNet needs square images (pass --image-size)")
+    mult = _int_tuple(channel_mult, "--channel-mult") or ((1, 2) if h <= 16 else (1, 2, 2))
+    lowest = h // 2 ** (len(mult) - 1)
+    attn = _int_tuple(attn_res, "--attn")
+    if attn is None:
+        attn = (min(2 * lowest, h),) if len(mult) > 2 else (lowest,)
+    num_classes = 0 if unconditional or data.labels is None else data.num_classes
+    cfg = UNetConfig(image_size=h, in_channels=c, out_channels=c, channels=channels, channel_mult=mult,
+                     num_res_blocks=num_res_blocks, attn_resolutions=attn, dropout=dropout,
+                     num_classes=num_classes)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise UsageError(f"--channel-mult/--channels: {e}") from None
+    tcfg = TrainConfig(**train)
+    tcfg.validate()
+    return TeacherRun(data, cfg, make_schedule(schedule), prediction, label_dropout if num_classes else 0.0, tcfg)
+
+
+def train_teacher(run: TeacherRun, out: Path, *, resume: bool = False, command: str = "",
+                  progress: bool = True) -> Trainer:
+    """Train (or resume) a teacher into ``out``."""
+    import torch
+
+    from distill.denoiser import Denoiser
+    from distill.losses import DiffusionLoss
+    from distill.models.unet import UNet
+
+    out = Path(out)
+    state = out / STATE_FILE
+    if state.exists() and not resume:
+        raise UsageError(f"{out}: already holds a training run; pass --resume to continue it or choose another --out")
+    if resume and not state.exists():
+        raise UsageError(f"{state}: nothing to resume; drop --resume to start a new run")
+    torch.manual_seed(run.train.seed)  # the initial weights are part of the run's reproducibility
+    net = UNet(run.unet)
+    null = run.unet.num_classes or None
+    model = Denoiser(net, run.schedule, run.prediction, "t1000", null_label=null)
+    meta = {**run.metadata(), "command": command}
+    trainer = Trainer(model, DiffusionLoss(run.label_dropout), run.data, run.train, out, meta)
+    if resume:
+        trainer.resume()
+    trainer.fit(progress=progress)
+    return trainer

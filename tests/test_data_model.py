@@ -1,0 +1,123 @@
+"""Datasets, the native UNet and checkpoints."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from distill.checkpoint import atomic_write, load_denoiser, read_metadata, save_model
+from distill.data import load_dataset
+from distill.errors import UsageError
+from distill.models.unet import UNet, UNetConfig
+
+
+def test_digits_dataset_is_scaled_and_labelled():
+    d = load_dataset("digits")
+    assert d.images.shape == (1797, 1, 8, 8) and d.images.dtype == torch.float32
+    assert float(d.images.min()) == -1.0 and float(d.images.max()) == 1.0
+    assert d.num_classes == 10 and sorted(d.labels.unique().tolist()) == list(range(10))
+
+
+def test_mnist_dataset_is_padded_to_32():
+    d = load_dataset("mnist")
+    assert d.images.shape == (5000, 1, 32, 32)
+    assert float(d.images[:, :, :2].max()) == -1.0  # the padding is background
+    assert d.num_classes == 10
+
+
+def test_npz_dataset(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, (6, 5, 5, 3), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", images=x, labels=np.array([0, 1, 2, 0, 1, 2]))
+    d = load_dataset(f"npz:{tmp_path / 'd.npz'}")
+    assert d.images.shape == (6, 3, 5, 5) and d.num_classes == 3
+    assert torch.allclose(d.images[0, :, 0, 0], torch.tensor(x[0, 0, 0] / 127.5 - 1, dtype=torch.float32))
+    np.savez(tmp_path / "f.npz", x=np.full((2, 4, 4), 3.0))
+    with pytest.raises(UsageError, match=r"\[0, 1\] or \[-1, 1\]"):
+        load_dataset(f"npz:{tmp_path / 'f.npz'}")
+    np.savez(tmp_path / "g.npz", other=np.zeros(3))
+    with pytest.raises(UsageError, match="no 'x', 'images'"):
+        load_dataset(f"npz:{tmp_path / 'g.npz'}")
+
+
+def test_folder_dataset_with_class_subfolders(tmp_path):
+    for cls, value in (("cat", 0), ("dog", 255)):
+        (tmp_path / cls).mkdir()
+        for i in range(2):
+            Image.fromarray(np.full((6, 6), value, dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+    d = load_dataset(f"folder:{tmp_path}")
+    assert d.images.shape == (4, 1, 6, 6) and d.class_names == ["cat", "dog"]
+    assert d.labels.tolist() == [0, 0, 1, 1] and float(d.images[3].min()) == 1.0
+    d8 = load_dataset(f"folder:{tmp_path}", image_size=8)
+    assert d8.images.shape == (4, 1, 8, 8)
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("cifar", "unknown dataset"),
+    ("folder:/nonexistent/dir", "no such folder"),
+    ("npz:/nonexistent.npz", "no such file"),
+])
+def test_bad_data_specs_say_what_to_do(spec, match):
+    with pytest.raises(UsageError, match=match):
+        load_dataset(spec)
+
+
+def _tiny_unet(num_classes=10, size=8):
+    return UNet(UNetConfig(image_size=size, channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                           attn_resolutions=(4,), num_classes=num_classes))
+
+
+def test_unet_shapes_and_class_conditioning():
+    net = _tiny_unet()
+    for p in net.parameters():  # zero-initialized output layers would hide the conditioning
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(3, 1, 8, 8)
+    t = torch.tensor([10.0, 500.0, 990.0])
+    out_a = net(x, t, torch.tensor([0, 1, 2]))
+    out_b = net(x, t, torch.tensor([3, 4, 5]))
+    assert out_a.shape == x.shape and not torch.allclose(out_a, out_b)
+    # labels=None is the null class
+    assert torch.allclose(net(x, t, None), net(x, t, torch.full((3,), 10)))
+
+
+def test_unet_rejects_sizes_it_cannot_halve():
+    with pytest.raises(ValueError, match="cannot be halved"):
+        UNetConfig(image_size=7, channel_mult=(1, 2)).validate()
+
+
+def _model_meta(net):
+    return {"model": {"arch": "unet", "config": net.config.to_dict()},
+            "diffusion": {"schedule": {"name": "cosine", "logsnr_min": -20.0, "logsnr_max": 20.0},
+                          "prediction": "v", "time_input": "t1000"}}
+
+
+def test_model_checkpoint_round_trip(tmp_path):
+    net = _tiny_unet()
+    save_model(tmp_path / "m.safetensors", net, _model_meta(net))
+    den = load_denoiser(tmp_path / "m.safetensors")
+    assert den.null_label == 10 and den.prediction == "v"
+    for a, b in zip(net.state_dict().values(), den.net.state_dict().values()):
+        assert torch.equal(a, b)
+    assert read_metadata(tmp_path / "m.safetensors")["format"] == "distill.model/1"
+
+
+def test_corrupt_or_missing_checkpoint_is_a_usage_error(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(UsageError, match="not a readable safetensors"):
+        load_denoiser(bad)
+    with pytest.raises(UsageError, match="no such checkpoint"):
+        load_denoiser(tmp_path / "missing.safetensors")
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+
+    def failing(tmp):
+        open(tmp, "wb").write(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, failing)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]

@@ -1,0 +1,122 @@
+"""Teacher training, exact resume, sampling and the CLI's behaviour on good and bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from distill.cli import cli, parse_int_list
+from distill.errors import UsageError
+from distill.teacher import build_teacher, train_teacher
+from distill.training import TrainConfig, batch_indices, learning_rate
+
+TINY = dict(data_spec="digits", image_size=None, unconditional=False, schedule="cosine", prediction="v",
+            channels=8, channel_mult="1,2", num_res_blocks=1, attn_res="4", dropout=0.1, label_dropout=0.2)
+TINY_ARGS = ["--data", "digits", "--channels", "8", "--channel-mult", "1,2", "--num-res-blocks", "1",
+             "--batch-size", "16", "--warmup", "2"]
+
+
+def _train(out, steps, resume=False, **train):
+    run = build_teacher(**TINY, train=dict(steps=steps, batch_size=16, warmup=2, ckpt_every=2, **train))
+    return train_teacher(run, out, resume=resume, progress=False)
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+    _train(tmp_path / "straight", 6)
+    _train(tmp_path / "split", 3)
+    _train(tmp_path / "split", 6, resume=True)
+    a = load_file(tmp_path / "straight" / "train_state.safetensors")
+    b = load_file(tmp_path / "split" / "train_state.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 6
+
+
+def test_training_reduces_the_loss(tmp_path):
+    _train(tmp_path / "r", 40, lr=2e-3)
+    records = [json.loads(ln) for ln in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert {"step", "loss", "grad_norm", "lr", "sec_per_step"} <= records[0].keys()
+
+
+def test_existing_run_is_not_overwritten_without_resume(tmp_path):
+    _train(tmp_path / "r", 2)
+    before = (tmp_path / "r" / "model.safetensors").read_bytes()
+    with pytest.raises(UsageError, match="--resume"):
+        _train(tmp_path / "r", 2)
+    assert (tmp_path / "r" / "model.safetensors").read_bytes() == before
+    with pytest.raises(UsageError, match="nothing to resume"):
+        _train(tmp_path / "new", 2, resume=True)
+
+
+def test_lr_schedule_and_batches():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup=10, lr_decay="linear")
+    assert learning_rate(cfg, 0) == pytest.approx(0.1) and learning_rate(cfg, 9) == pytest.approx(1.0)
+    assert learning_rate(cfg, 55) == pytest.approx(0.5) and learning_rate(cfg, 100) == pytest.approx(0.0)
+    # consecutive batches of one epoch are a permutation of the dataset
+    idx = torch.cat([batch_indices(10, 5, s, seed=3) for s in range(2)])
+    assert sorted(idx.tolist()) == list(range(10))
+    assert torch.equal(batch_indices(10, 4, 7, 3), batch_indices(10, 4, 7, 3))
+
+
+def test_parse_int_list():
+    assert parse_int_list("0-3,7", "--seeds") == [0, 1, 2, 3, 7]
+    with pytest.raises(UsageError, match="--seeds"):
+        parse_int_list("3-1", "--seeds")
+
+
+def test_cli_train_then_sample(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "run"
+    res = runner.invoke(cli, ["teacher", "train", *TINY_ARGS, "--out", str(out), "--steps", "3"])
+    assert res.exit_code == 0, res.output
+    assert (out / "model.safetensors").exists()
+    res = runner.invoke(cli, ["sample", str(out), "--sampler", "heun", "--steps", "2", "--classes", "0-9",
+                              "--seeds", "0-19", "--guidance", "1.5", "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    z = np.load(tmp_path / "s" / "samples.npz")
+    assert z["images"].shape == (20, 8, 8, 1) and z["images"].dtype == np.uint8
+    assert z["labels"].tolist() == list(range(10)) * 2 and z["seeds"].tolist() == list(range(20))
+    assert json.loads(str(z["info"]))["guidance"] == 1.5
+    assert (tmp_path / "s" / "grid.png").stat().st_size > 0
+    # the same seeds give the same images, whatever the batch size
+    res = runner.invoke(cli, ["sample", str(out), "--sampler", "heun", "--steps", "2", "--classes", "0-9",
+                              "--seeds", "0-19", "--guidance", "1.5", "--batch-size", "7",
+                              "--out", str(tmp_path / "s2")])
+    assert res.exit_code == 0, res.output
+    assert np.array_equal(np.load(tmp_path / "s2" / "samples.npz")["images"], z["images"])
+
+
+def _distill(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "distill.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["teacher", "train", "--data", "cifar", "--out", "x"], 2, "--data 'cifar': unknown dataset"),
+    (["sample", "missing.safetensors"], 2, "missing.safetensors: no such checkpoint"),
+    (["sample", "x.safetensors", "--seeds", "a-b"], 2, "--seeds 'a-b'"),
+    (["teacher", "train", "--data", "digits"], 2, "Missing option '--out'"),
+])
+def test_cli_errors_are_one_clear_line(tmp_path, args, code, needle):
+    res = _distill(*args, cwd=tmp_path)
+    assert res.returncode == code, res.stderr
+    assert needle in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_help_imports_no_torch():
+    # What keeps `distill --help` under a second: no heavy import before a command runs.
+    res = subprocess.run([sys.executable, "-c", "import sys; from distill.cli import main; "
+                          "sys.argv = ['distill', 'teacher', 'train', '--help']; main(); "
+                          "assert 'torch' not in sys.modules, 'distill --help imported torch'"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "--data" in res.stdout
