@@ -93,6 +93,23 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor
     return out
 
 
+def ema_decay_at(decay: float, num_averaged: int) -> float:
+    """EMA decay with warmup, ``min(decay, (1 + k) / (10 + k))`` after ``k`` updates, so that a short run's
+    average is not dominated by its random initial weights (0.999^1500 still weighs the init by 22%)."""
+    return min(decay, (1.0 + num_averaged) / (10.0 + num_averaged))
+
+
+def ema_with_warmup(decay: float):
+    """A ``multi_avg_fn`` for ``torch.optim.swa_utils.AveragedModel`` using :func:`ema_decay_at`."""
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged) -> None:
+        d = ema_decay_at(decay, int(num_averaged))
+        torch._foreach_lerp_(averaged, current, 1.0 - d)
+
+    return update
+
+
 def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2**63 - 1)
 
@@ -112,8 +129,12 @@ class Trainer:
     def __init__(self, model: Denoiser, loss, data: ImageDataset, cfg: TrainConfig, out: Path,
                  metadata: dict[str, Any]):
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
 
         cfg.validate()
+        # accelerate keeps one process-wide state; a second Trainer in the same process (a recipe's next stage,
+        # a test) may want another mixed precision, so start from a fresh one (the distributed setup is kept).
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.cfg, self.loss, self.data, self.out = cfg, loss, data, Path(out)
         self.metadata = {**metadata, "train": asdict(cfg), "data": data.describe()}
         self.accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no",
@@ -123,8 +144,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.net, self.optimizer = self.accelerator.prepare(model.net, self.optimizer)
         self.ema = torch.optim.swa_utils.AveragedModel(
-            self.accelerator.unwrap_model(self.net),
-            multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+            self.accelerator.unwrap_model(self.net), multi_avg_fn=ema_with_warmup(cfg.ema_decay), use_buffers=True)
         self.step = 0
 
     # -- checkpoints -------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from distill.denoiser import Cond, Denoiser, cfg_combine, time_input
+from distill.oracles import GaussianDenoiser, example_gaussian, gaussian_flow_map
 from distill.parameterization import PREDICTIONS, from_x0, to_x0
 from distill.samplers import (
     DEFAULT_SPACING,
@@ -13,8 +14,8 @@ from distill.samplers import (
     PerSampleGenerator,
     generate,
     make_timesteps,
-    prior_sample,
     nfe,
+    prior_sample,
 )
 from distill.schedules import (
     CosineSchedule,
@@ -103,51 +104,15 @@ def test_parameterization_round_trip(kind, variance):
         assert torch.allclose(pred, alpha * eps - sigma * x0, atol=1e-12)
 
 
-class GaussianDenoiser:
-    """The exact denoiser E[x0 | x_t] for data x0 ~ N(mu, Sigma): a closed-form test oracle."""
-
-    def __init__(self, schedule, mu, cov):
-        self.schedule, self.mu, self.cov = schedule, mu, cov
-        self.calls = 0
-
-    def __call__(self, x_t, t, cond=None):
-        self.calls += 1
-        alpha, sigma = self.schedule.alpha_sigma(t.double())
-        d = self.mu.numel()
-        out = torch.empty_like(x_t)
-        for a in torch.unique(alpha):
-            sel = alpha == a
-            s = sigma[sel][0]
-            # E[x0 | x_t] = mu + Sigma a (a^2 Sigma + s^2 I)^-1 (x_t - a mu)
-            gain = a * self.cov @ torch.linalg.inv(a**2 * self.cov + s**2 * torch.eye(d, dtype=torch.float64))
-            out[sel] = self.mu + (x_t[sel] - a * self.mu) @ gain.T
-        return out
-
-
-def _gaussian():
-    mu = torch.tensor([0.5, -0.3, 0.2], dtype=torch.float64)
-    a = torch.tensor([[0.6, 0.2, 0.0], [0.1, 0.4, 0.3], [0.0, -0.2, 0.5]], dtype=torch.float64)
-    return mu, a @ a.T + 0.01 * torch.eye(3, dtype=torch.float64)
-
-
 def _moments(x):
     return x.mean(0), torch.cov(x.T)
-
-
-def _exact_flow(schedule, mu, cov, x_T, t_max=1.0):
-    """The probability-flow ODE's exact endpoint for Gaussian data (per eigen-direction of the covariance,
-    on the VE-equivalent state): ``x0 - mu = sqrt(s^2 / (s^2 + sigma_T^2)) (x_T / alpha_T - mu)``."""
-    alpha, sigma = schedule.alpha_sigma(torch.tensor(t_max, dtype=torch.float64))
-    s2, u = torch.linalg.eigh(cov)
-    gain = u @ torch.diag((s2 / (s2 + (sigma / alpha) ** 2)).sqrt()) @ u.T
-    return mu + (x_T.double() / alpha - mu) @ gain.T
 
 
 @pytest.mark.parametrize("sampler,steps", [("ddim", 512), ("heun", 64), ("dpmpp_2m", 64), ("euler", 512)])
 @pytest.mark.parametrize("schedule", [CosineSchedule(), DiscreteSchedule("linear"), KarrasSchedule()],
                          ids=["cosine", "discrete", "karras"])
 def test_deterministic_samplers_reproduce_gaussian_moments(sampler, steps, schedule):
-    mu, cov = _gaussian()
+    mu, cov = example_gaussian()
     den = GaussianDenoiser(schedule, mu, cov)
     n = 20000
     x = generate(den, (3,), range(n), sampler=sampler, steps=steps, dtype=torch.float64)
@@ -155,7 +120,7 @@ def test_deterministic_samplers_reproduce_gaussian_moments(sampler, steps, sched
     # which cancels in the comparison, so what remains is the solver's own error.
     t_start = float(make_timesteps(schedule, steps, DEFAULT_SPACING[sampler])[0])
     x_T = prior_sample(schedule, PerSampleGenerator(range(n)), (3,), t_start, dtype=torch.float64)
-    x_ref = _exact_flow(schedule, mu, cov, x_T, t_start)
+    x_ref = gaussian_flow_map(schedule, mu, cov, x_T, t_start)
     (m, c), (m_ref, c_ref) = _moments(x), _moments(x_ref)
     scale = torch.linalg.norm(cov)
     assert torch.linalg.norm(m - m_ref) / torch.linalg.norm(mu) < 0.02
@@ -166,7 +131,7 @@ def test_deterministic_samplers_reproduce_gaussian_moments(sampler, steps, sched
 
 
 def test_ddpm_ancestral_matches_moments_within_sampling_error():
-    mu, cov = _gaussian()
+    mu, cov = example_gaussian()
     schedule = CosineSchedule()
     n = 5000  # ancestral steps draw per-sample noise, so this test costs n * steps generator calls
     x = generate(GaussianDenoiser(schedule, mu, cov), (3,), range(n), sampler="ddpm", steps=256, dtype=torch.float64)
@@ -179,18 +144,19 @@ def test_ddpm_ancestral_matches_moments_within_sampling_error():
 
 
 def test_ddim_converges_as_steps_grow():
-    mu, cov = _gaussian()
+    mu, cov = example_gaussian()
     schedule = CosineSchedule()
     errs = []
     for steps in (4, 16, 64):
-        x = generate(GaussianDenoiser(schedule, mu, cov), (3,), range(4000), sampler="ddim", steps=steps, dtype=torch.float64)
+        den = GaussianDenoiser(schedule, mu, cov)
+        x = generate(den, (3,), range(4000), sampler="ddim", steps=steps, dtype=torch.float64)
         errs.append(float(torch.linalg.norm(torch.cov(x.T) - cov)))
     assert errs[0] > errs[1] > errs[2]
 
 
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_per_sample_seeds_do_not_depend_on_batch(sampler):
-    mu, cov = _gaussian()
+    mu, cov = example_gaussian()
     den = GaussianDenoiser(CosineSchedule(), mu, cov)
     full = generate(den, (3,), range(10, 18), sampler=sampler, steps=5, dtype=torch.float64)
     part = torch.cat([generate(den, (3,), range(10, 13), sampler=sampler, steps=5, dtype=torch.float64),

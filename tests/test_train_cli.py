@@ -120,3 +120,17 @@ def test_help_imports_no_torch():
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "--data" in res.stdout
+
+
+def test_bf16_autocast_training_runs(tmp_path):
+    _train(tmp_path / "bf16", 2, bf16=True)
+    rec = json.loads((tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert np.isfinite(rec["loss"]) and rec["step"] == 2
+
+
+def test_unconditional_model_rejects_guidance(tmp_path):
+    run = build_teacher(**{**TINY, "unconditional": True}, train=dict(steps=1, batch_size=8, warmup=0))
+    train_teacher(run, tmp_path / "u", progress=False)
+    res = CliRunner().invoke(cli, ["sample", str(tmp_path / "u"), "--guidance", "2", "--steps", "1"])
+    assert isinstance(res.exception, UsageError) and "--guidance" in str(res.exception)
+    assert not (tmp_path / "u" / "samples").exists()
