@@ -74,7 +74,7 @@ def teacher():
               help="Width multipliers per level, e.g. 1,2,2 [default: 1,2 for <= 16 px, else 1,2,2].")
 @click.option("--num-res-blocks", type=click.IntRange(1, 8), default=2, metavar="N")
 @click.option("--attn", "attn_res", default=None, metavar="LIST",
-              help="Resolutions with self-attention, e.g. 8 [default: the second-lowest resolution].")
+              help="Resolutions with self-attention, e.g. 8 [default: the lowest resolution].")
 @click.option("--dropout", type=click.FloatRange(0, 0.9), default=0.1)
 # hyperparameters
 @click.option("--steps", type=click.IntRange(1), default=4000, metavar="N", help="Optimizer steps.")
