@@ -77,6 +77,10 @@ def sample_to_files(checkpoint: Path, out: Path, *, sampler: str, steps: int, sp
     info = {"checkpoint": str(checkpoint), "sampler": sampler, "steps": steps, "spacing": spacing, "eta": eta,
             "guidance": guidance}
     arrays["info"] = np.array(json.dumps(info))
-    atomic_write(npz, lambda tmp: np.savez(open(tmp, "wb"), **arrays))
+    def write_npz(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the temp name
+            np.savez(f, **arrays)
+
+    atomic_write(npz, write_npz)
     save_png(grid, image_grid(images, ncol=len(classes) if classes and len(seeds) % len(classes) == 0 else None))
     return grid, npz

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from distill.checkpoint import (
@@ -143,14 +142,12 @@ class Trainer:
         params = [p for p in model.net.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.net, self.optimizer = self.accelerator.prepare(model.net, self.optimizer)
+        model.net = self.net  # the loss calls the prepared (possibly DDP-wrapped) network through the denoiser
         self.ema = torch.optim.swa_utils.AveragedModel(
             self.accelerator.unwrap_model(self.net), multi_avg_fn=ema_with_warmup(cfg.ema_decay), use_buffers=True)
         self.step = 0
 
     # -- checkpoints -------------------------------------------------------------------------------------
-
-    def _ema_net(self) -> nn.Module:
-        return self.ema.module
 
     def save(self) -> None:
         """Write the training state, then the slim EMA model, each atomically."""
@@ -163,7 +160,7 @@ class Trainer:
         tensors.update(opt_tensors)
         meta = {**self.metadata, "format": STATE_FORMAT, "step": self.step, "optimizer_param_groups": groups}
         save_tensors(self.out / STATE_FILE, tensors, meta)
-        save_model(self.out / MODEL_FILE, self._ema_net(), {**self.metadata, "step": self.step})
+        save_model(self.out / MODEL_FILE, self.ema.module, {**self.metadata, "step": self.step})
 
     def resume(self) -> None:
         path = self.out / STATE_FILE
@@ -205,7 +202,6 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.net.train()
-        self.model.net = self.net
         with acc.autocast():
             loss = self.loss(self.model, x0, labels, generator).mean()
         self.optimizer.zero_grad(set_to_none=True)
