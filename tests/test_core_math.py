@@ -12,6 +12,7 @@ from distill.samplers import (
     DEFAULT_SPACING,
     SAMPLERS,
     PerSampleGenerator,
+    ddim_step,
     generate,
     make_timesteps,
     nfe,
@@ -233,3 +234,26 @@ def test_classifier_free_guidance():
     assert torch.allclose(cfg_combine(torch.tensor(2.0), torch.tensor(1.0), 0.5), torch.tensor(2.5))
     with pytest.raises(ValueError, match="null class"):
         Denoiser(_LabelNet(), CosineSchedule(), prediction="x0")(x, 0.5, Cond(labels, 1.0))
+
+
+def test_ddim_step_matches_diffusers_on_a_discrete_table():
+    from diffusers import DDIMScheduler
+
+    ref = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                        beta_end=0.012, set_alpha_to_one=True, prediction_type="epsilon", clip_sample=False)
+    ref.set_timesteps(50)
+    sched = DiscreteSchedule("scaled_linear", beta_start=0.00085, beta_end=0.012)
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64), torch.randn(2, 4, 8, 8, generator=g,
+                                                                                   dtype=torch.float64)
+    for k in (0, 25, 49):
+        index = int(ref.timesteps[k])
+        prev = index - 1000 // 50
+        t, s = torch.tensor((index + 1) / 1000.0), torch.tensor((prev + 1) / 1000.0)
+        a_t, s_t = sched.alpha_sigma(t.double())
+        a_s, s_s = (1.0, 0.0) if prev < 0 else sched.alpha_sigma(s.double())
+        x0 = (x - s_t * eps) / a_t
+        ours = ddim_step(x, x0, float(a_t), float(s_t), float(a_s), float(s_s))
+        theirs = ref.step(eps, index, x).prev_sample
+        # diffusers keeps its table in float32, hence a float32-level tolerance
+        assert torch.allclose(ours, theirs.double(), rtol=1e-5, atol=1e-5), index
