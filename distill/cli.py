@@ -11,30 +11,8 @@ from pathlib import Path
 import click
 
 from distill import __version__
-from distill.errors import DistillError, UsageError
-
-
-def parse_int_list(text: str, option: str) -> list[int]:
-    """``"0-3,7,9-10"`` -> ``[0, 1, 2, 3, 7, 9, 10]``."""
-    out: list[int] = []
-    try:
-        for part in text.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            lo, sep, hi = part.partition("-")
-            if sep:
-                a, b = int(lo), int(hi)
-                if b < a:
-                    raise ValueError
-                out.extend(range(a, b + 1))
-            else:
-                out.append(int(part))
-    except ValueError:
-        raise UsageError(f"{option} {text!r}: expected integers and ranges like 0-63 or 1,2,5-9") from None
-    if not out:
-        raise UsageError(f"{option} is empty: give integers and ranges like 0-63")
-    return out
+from distill.errors import DistillError
+from distill.parsing import parse_int_list
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

@@ -9,6 +9,7 @@ from typing import Any
 from distill.data import ImageDataset, load_dataset
 from distill.errors import UsageError
 from distill.models.unet import UNetConfig
+from distill.parsing import parse_int_list
 from distill.schedules import CosineSchedule, DiscreteSchedule, Schedule
 from distill.training import STATE_FILE, TrainConfig, Trainer
 
@@ -36,16 +37,6 @@ class TeacherRun:
         }
 
 
-def _int_tuple(text: str | None, option: str) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise UsageError(f"{option} {text!r}: expected comma-separated integers like 1,2,2") from None
-    return values
-
-
 def make_schedule(name: str) -> Schedule:
     if name == "cosine":
         return CosineSchedule()
@@ -61,10 +52,12 @@ def build_teacher(*, data_spec: str, image_size: int | None, unconditional: bool
     c, h, w = data.shape
     if h != w:
         raise UsageError(f"--data {data_spec}: images are {h}x{w}; the UNet needs square images (pass --image-size)")
-    mult = _int_tuple(channel_mult, "--channel-mult") or ((1, 2) if h <= 16 else (1, 2, 2))
+    mult = tuple(parse_int_list(channel_mult or "", "--channel-mult", allow_empty=True))
+    mult = mult or ((1, 2) if h <= 16 else (1, 2, 2))
     lowest = h // 2 ** (len(mult) - 1)
-    attn = _int_tuple(attn_res, "--attn")
-    if attn is None:
+    if attn_res is not None:  # an empty --attn means no attention
+        attn = tuple(parse_int_list(attn_res, "--attn", allow_empty=True))
+    else:
         attn = (lowest,)  # attention only where it is cheap: 16x16 attention tripled the step time at 32 px
     num_classes = 0 if unconditional or data.labels is None else data.num_classes
     cfg = UNetConfig(image_size=h, in_channels=c, out_channels=c, channels=channels, channel_mult=mult,

@@ -10,8 +10,9 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from distill.cli import cli, parse_int_list
+from distill.cli import cli
 from distill.errors import UsageError
+from distill.parsing import parse_int_list
 from distill.teacher import build_teacher, train_teacher
 from distill.training import TrainConfig, batch_indices, learning_rate
 
