@@ -90,11 +90,30 @@ def build_denoiser(meta: dict[str, Any], source: str = "checkpoint"):
                     diffusion["time_input"], null_label=null)
 
 
-def load_denoiser(path: Path, device: str = "cpu"):
-    """Load a model file (or a run directory holding ``model.safetensors``) as an eval-mode denoiser."""
+SHIPPED_DIR = Path(__file__).parent / "weights"
+
+
+def shipped_models() -> list[str]:
+    """Names of the models inside the package (``distill/weights/NAME.safetensors``), e.g. ``mnist``."""
+    return sorted(p.stem for p in SHIPPED_DIR.glob("*.safetensors"))
+
+
+def resolve_model_path(path: Path | str) -> Path:
+    """A model file, a run directory, or the name of a shipped model -> the model file's path."""
     path = Path(path)
+    if not path.exists() and path.name == str(path) and (SHIPPED_DIR / f"{path}.safetensors").is_file():
+        return SHIPPED_DIR / f"{path}.safetensors"
     if path.is_dir():
-        path = path / "model.safetensors"
+        return path / "model.safetensors"
+    if not path.exists():
+        names = ", ".join(shipped_models()) or "none"
+        raise UsageError(f"{path}: no such checkpoint, run directory or shipped model (shipped: {names})")
+    return path
+
+
+def load_denoiser(path: Path | str, device: str = "cpu"):
+    """Load a model file, a run directory holding ``model.safetensors``, or a shipped model by name (``mnist``)."""
+    path = resolve_model_path(path)
     tensors, meta = load_tensors(path)
     if meta.get("format") != MODEL_FORMAT:
         raise UsageError(f"{path}: not a distill model file (format {meta.get('format')!r}); "

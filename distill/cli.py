@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from distill import __version__
+from distill.config import config_option
 from distill.errors import DistillError
 from distill.parsing import parse_int_list
 
@@ -33,6 +34,7 @@ def teacher():
 
 
 @teacher.command("train")
+@config_option("teacher")
 # main
 @click.option("--data", "data_spec", required=True, metavar="SPEC",
               help="digits | mnist | folder:PATH | npz:PATH")
@@ -78,6 +80,7 @@ def teacher_train(data_spec, out, resume, image_size, unconditional, schedule, p
     Example:
       distill teacher train --data digits --out runs/digits --steps 4000
       distill teacher train --data mnist --out runs/mnist --bf16 --resume
+      distill teacher train --config recipes/mnist-teacher.yaml
     """
     from distill.teacher import build_teacher, train_teacher
 
@@ -97,9 +100,9 @@ def teacher_train(data_spec, out, resume, image_size, unconditional, schedule, p
 
 
 @cli.command("sample")
-@click.argument("checkpoint", type=click.Path(path_type=Path), metavar="CHECKPOINT")
+@click.argument("checkpoint", metavar="CHECKPOINT")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
-              help="Output folder [default: CHECKPOINT's folder / samples].")
+              help="Output folder [default: CHECKPOINT's folder / samples, or ./samples for a shipped model].")
 @click.option("--sampler", type=click.Choice(["ddpm", "ddim", "euler", "heun", "dpmpp_2m"]), default="dpmpp_2m")
 @click.option("--steps", type=click.IntRange(1, 10000), default=20, metavar="N", help="Sampler steps.")
 @click.option("--spacing", type=click.Choice(["uniform", "karras", "logsnr"]), default=None,
@@ -112,7 +115,8 @@ def teacher_train(data_spec, out, resume, image_size, unconditional, schedule, p
 @click.option("--seeds", default="0-63", metavar="LIST", help="Per-sample seeds, e.g. 0-63 or 1,5,9.")
 @click.option("--batch-size", type=click.IntRange(1), default=256, metavar="B")
 @click.option("--device", default="cpu", help="torch device (cpu, cuda, cuda:1).")
-def sample(checkpoint, out, sampler, steps, spacing, eta, guidance, classes, seeds, batch_size, device):
+@click.option("--bf16/--no-bf16", default=False, help="Run the network under bf16 autocast.")
+def sample(checkpoint, out, sampler, steps, spacing, eta, guidance, classes, seeds, batch_size, device, bf16):
     """Generate images from a model checkpoint: a PNG grid and an .npz of the samples.
 
     \b
@@ -123,11 +127,64 @@ def sample(checkpoint, out, sampler, steps, spacing, eta, guidance, classes, see
 
     seed_list = parse_int_list(seeds, "--seeds")
     class_list = parse_int_list(classes, "--classes") if classes else None
-    out = out or (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "samples"
+    path = Path(checkpoint)
+    out = out or ((path if path.is_dir() else path.parent) if path.exists() else Path(".")) / "samples"
     grid, npz = sample_to_files(checkpoint, out, sampler=sampler, steps=steps, spacing=spacing, eta=eta,
                                 guidance=guidance, classes=class_list, seeds=seed_list, batch_size=batch_size,
-                                device=device)
+                                device=device, bf16=bf16)
     click.echo(f"wrote {grid} and {npz}")
+
+
+@cli.command("eval")
+@click.argument("source", metavar="SOURCE")
+@click.option("--data", "data_spec", default=None, metavar="SPEC",
+              help="Real data to compare against [default: the model's training data].")
+@click.option("--ref", type=click.Choice(["A", "B", "all"]), default="A",
+              help="Which fixed half of the real data is the reference (B vs A is the real-vs-real floor).")
+@click.option("--metrics", "metric_list", default="fd,kid,is,acc,fid", metavar="LIST",
+              help="Any of fd, kid, is, acc (domain classifier) and fid, kid_inception (InceptionV3).")
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "euler", "heun", "dpmpp_2m"]), default="dpmpp_2m")
+@click.option("--steps", type=click.IntRange(1, 10000), default=20, metavar="N", help="Sampler steps.")
+@click.option("--spacing", type=click.Choice(["uniform", "karras", "logsnr"]), default=None,
+              help="Timestep spacing [default: the sampler's usual one].")
+@click.option("--eta", type=click.FloatRange(0, 1), default=None, help="DDIM eta (0 = deterministic).")
+@click.option("--guidance", type=float, default=None, metavar="W",
+              help="Classifier-free guidance weight w [default: the model card's, else 0].")
+@click.option("--classes", default=None, metavar="LIST", help="Class labels cycled over the seeds [default: all].")
+@click.option("--seeds", default="0-2499", metavar="LIST", help="Per-sample seeds (one sample each).")
+@click.option("--batch-size", type=click.IntRange(1), default=250, metavar="B")
+@click.option("--bf16/--no-bf16", default=False, help="Sample with the network under bf16 autocast.")
+@click.option("--inception-backend", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime",
+              help="How the FID network runs (onnxruntime: fp32 on the CPU, the fast path; torch: any device).")
+@click.option("--device", default="cpu", help="torch device (cpu, cuda, cuda:1).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE",
+              help="Write the full result (metrics, settings, extractors, sample counts) as JSON.")
+def eval_(source, data_spec, ref, metric_list, sampler, steps, spacing, eta, guidance, classes, seeds, batch_size,
+          bf16, inception_backend, device, out):
+    """Measure sample quality: FD/KID/IS/class accuracy (domain classifier) and FID (InceptionV3).
+
+    SOURCE is a model (a .safetensors file, a run directory or a shipped name such as mnist), which is sampled
+    once per seed, or images: a .npz (e.g. from distill sample), npz:PATH or folder:PATH.
+
+    \b
+    Examples:
+      distill eval mnist --sampler heun --steps 10
+      distill eval runs/mnist/samples/samples.npz --data mnist
+      distill eval npz:real.npz --data mnist --ref B --metrics fd,fid
+    """
+    from benchmarks.evaluate import default_guidance, evaluate, summary_line, write_json
+
+    result = evaluate(source, data_spec=data_spec, ref=ref, metrics=tuple(m for m in metric_list.split(",") if m),
+                      sampler=sampler, steps=steps, spacing=spacing, eta=eta,
+                      guidance=default_guidance(source) if guidance is None else guidance,
+                      seeds=parse_int_list(seeds, "--seeds"),
+                      classes=parse_int_list(classes, "--classes") if classes else None, batch_size=batch_size,
+                      bf16=bf16, device=device, inception_backend=inception_backend)
+    if out:
+        write_json(out, result)
+    click.echo(summary_line(result))
+    if out:
+        click.echo(f"wrote {out}")
 
 
 def main() -> None:

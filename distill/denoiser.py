@@ -99,7 +99,8 @@ class Denoiser(nn.Module):
         """The network's own output (its ``prediction`` type)."""
         t_in = time_input(self.schedule, t.double(), self.time_input).to(x_t.dtype)
         out = self.net(x_t, t_in, labels)
-        return out.sample if hasattr(out, "sample") else out
+        out = out.sample if hasattr(out, "sample") else out
+        return out.to(x_t.dtype)  # bf16 under autocast; the sampler's arithmetic stays in x_t's precision
 
     def _x0(self, x_t: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
         alpha, sigma = self.alpha_sigma(t, x_t)

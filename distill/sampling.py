@@ -45,42 +45,56 @@ def save_png(path: Path, array: np.ndarray) -> None:
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
-def sample_to_files(checkpoint: Path, out: Path, *, sampler: str, steps: int, spacing: str | None,
-                    eta: float | None, guidance: float, classes: list[int] | None, seeds: list[int],
-                    batch_size: int, device: str = "cpu") -> tuple[Path, Path]:
-    """Sample one image per seed and write ``grid.png`` and ``samples.npz`` (images, labels, seeds) to ``out``."""
-    den = load_denoiser(checkpoint, device)
+def draw_samples(den, *, sampler: str, steps: int, seeds: list[int], classes: list[int] | None = None,
+                 guidance: float = 0.0, spacing: str | None = None, eta: float | None = None,
+                 batch_size: int = 256, device: str = "cpu", bf16: bool = False, progress: bool = True,
+                 source: str = "the model") -> tuple[np.ndarray, Tensor | None]:
+    """One sample per seed from a loaded denoiser, classes cycled over the seeds (all classes of a conditional
+    model by default): uint8 NHWC images and the requested labels. ``bf16`` runs the network under autocast."""
     num_classes = den.net.config.num_classes
     if classes is not None and not num_classes:
-        raise UsageError(f"--classes: {checkpoint} is unconditional; drop --classes")
+        raise UsageError(f"--classes: {source} is unconditional; drop --classes")
     if guidance and not num_classes:
-        raise UsageError(f"--guidance: {checkpoint} is unconditional, so it cannot be guided; drop --guidance")
+        raise UsageError(f"--guidance: {source} is unconditional, so it cannot be guided; drop --guidance")
     if classes is not None and any(c < 0 or c >= num_classes for c in classes):
-        raise UsageError(f"--classes: labels must be in 0-{num_classes - 1} for {checkpoint}")
+        raise UsageError(f"--classes: labels must be in 0-{num_classes - 1} for {source}")
     if num_classes and classes is None:
         classes = list(range(num_classes))
     labels = torch.tensor([classes[i % len(classes)] for i in range(len(seeds))]) if classes else None
     c = den.net.config
     shape = (c.in_channels, c.image_size, c.image_size)
     chunks = []
-    for start in range(0, len(seeds), batch_size):
-        sl = slice(start, start + batch_size)
-        cond = Cond(labels[sl].to(device) if labels is not None else None, guidance)
-        chunks.append(generate(den, shape, seeds[sl], sampler=sampler, steps=steps, spacing=spacing, cond=cond,
-                               device=device, eta=eta, progress=True).cpu())
-    images = to_uint8(torch.cat(chunks))
+    with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16):
+        for start in range(0, len(seeds), batch_size):
+            sl = slice(start, start + batch_size)
+            cond = Cond(labels[sl].to(device) if labels is not None else None, guidance)
+            chunks.append(generate(den, shape, seeds[sl], sampler=sampler, steps=steps, spacing=spacing, cond=cond,
+                                   device=device, eta=eta, progress=progress).float().cpu())
+    return to_uint8(torch.cat(chunks)), labels
+
+
+def sample_to_files(checkpoint: Path, out: Path, *, sampler: str, steps: int, spacing: str | None,
+                    eta: float | None, guidance: float, classes: list[int] | None, seeds: list[int],
+                    batch_size: int, device: str = "cpu", bf16: bool = False) -> tuple[Path, Path]:
+    """Sample one image per seed and write ``grid.png`` and ``samples.npz`` (images, labels, seeds) to ``out``."""
+    den = load_denoiser(checkpoint, device)
+    images, labels = draw_samples(den, sampler=sampler, steps=steps, seeds=seeds, classes=classes,
+                                  guidance=guidance, spacing=spacing, eta=eta, batch_size=batch_size,
+                                  device=device, bf16=bf16, source=str(checkpoint))
     out = Path(out)
     npz, grid = out / "samples.npz", out / "grid.png"
     arrays = {"images": images, "seeds": np.array(seeds)}
     if labels is not None:
         arrays["labels"] = labels.numpy()
     info = {"checkpoint": str(checkpoint), "sampler": sampler, "steps": steps, "spacing": spacing, "eta": eta,
-            "guidance": guidance}
+            "guidance": guidance, "bf16": bf16}
     arrays["info"] = np.array(json.dumps(info))
+
     def write_npz(tmp: str) -> None:
         with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the temp name
             np.savez(f, **arrays)
 
     atomic_write(npz, write_npz)
-    save_png(grid, image_grid(images, ncol=len(classes) if classes and len(seeds) % len(classes) == 0 else None))
+    ncls = len(set(labels.tolist())) if labels is not None else 0
+    save_png(grid, image_grid(images, ncol=ncls if ncls and len(seeds) % ncls == 0 else None))
     return grid, npz

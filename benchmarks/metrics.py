@@ -1,0 +1,301 @@
+"""Sample quality: FID, KID and IS through torchmetrics, on features we extract once and cache.
+
+Two feature extractors, never mixed in one number:
+
+- ``inception``: the standard FID network (:mod:`benchmarks.inception`), 2048-d pool3 features, images resized to
+  299 px the TF-1 bilinear way. Runs through ONNX Runtime (fp32, exported once from our module and cached), which
+  is what makes it fast on a CPU; ``backend="torch"`` runs the module itself (any device, optional bf16).
+- ``domain``: the dataset's own classifier (:mod:`benchmarks.classifier`), 128-d features at native resolution,
+  plus logits for class accuracy and a domain Inception Score.
+
+torchmetrics does the statistics: its ``FrechetInceptionDistance``, ``KernelInceptionDistance`` and
+``InceptionScore`` receive our features through :class:`Precomputed` (an identity "network" that reports
+``num_features``), so one extraction pass feeds all three metrics.
+
+Reference features of real data are cached under ``$DISTILL_CACHE`` (default ``~/.cache/distill``), keyed by the
+extractor, the dataset and a hash of the images. Real data splits into two fixed halves, ``A`` and ``B`` (a seeded
+permutation), so ``B`` against ``A`` is the real-vs-real floor of every distance at that sample count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from distill.errors import UsageError
+
+SPLITS = ("A", "B", "all")
+SPLIT_SEED = 0
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill"))
+
+
+class Precomputed(nn.Module):
+    """Identity feature "network" for torchmetrics: features are extracted (and cached) before the metric sees them."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features
+
+
+def to_uint8_nchw(images: Tensor | np.ndarray) -> Tensor:
+    """Images as uint8 NCHW: accepts uint8 NHWC/NCHW arrays or float tensors in [-1, 1] (our model outputs)."""
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    if images.dtype != torch.uint8:
+        images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    if images.ndim != 4:
+        raise ValueError(f"expected a batch of images (4 dimensions), got shape {tuple(images.shape)}")
+    if images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):  # NHWC
+        images = images.permute(0, 3, 1, 2)
+    return images.contiguous()
+
+
+# -- feature extractors ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Extractor:
+    """A named feature extractor. ``info`` goes into every result it produces."""
+
+    name: str
+    info: dict
+    features: Callable[[Tensor], dict[str, Tensor]]  # uint8 NCHW batch -> {"features": ..., maybe "logits": ...}
+    batch_size: int = 100
+    fingerprint: str = ""
+
+    def __call__(self, images: Tensor, progress: bool = False) -> dict[str, Tensor]:
+        from tqdm.auto import tqdm
+
+        images = to_uint8_nchw(images)
+        parts: dict[str, list[Tensor]] = {}
+        starts = range(0, len(images), self.batch_size)
+        for i in tqdm(starts, desc=f"{self.name} features", disable=not progress, leave=False):
+            for key, value in self.features(images[i:i + self.batch_size]).items():
+                parts.setdefault(key, []).append(value.float().cpu())
+        return {key: torch.cat(values) for key, values in parts.items()}
+
+
+def inception_extractor(backend: str = "onnxruntime", device: str = "cpu", bf16: bool = False) -> Extractor:
+    """The FID network. ``onnxruntime`` (fp32, CPU) is the fast default; ``torch`` runs on any device."""
+    from benchmarks import inception
+
+    net = inception.InceptionV3.from_torchscript()
+    info = {"extractor": "inception", "network": inception.NAME, "resize": "tf-bilinear 299x299",
+            "backend": backend, "precision": "bf16" if bf16 else "fp32"}
+    if backend == "onnxruntime":
+        if bf16 or device != "cpu":
+            raise UsageError("the onnxruntime Inception backend is fp32 on the CPU; use backend torch for bf16 or GPUs")
+        sessions: dict[int, object] = {}
+
+        def features(batch: Tensor) -> dict[str, Tensor]:
+            x = inception.preprocess(batch, channels_last=False)
+            channels = x.shape[1]
+            if channels not in sessions:
+                sessions[channels] = _inception_session(net, channels)
+            return {"features": torch.from_numpy(sessions[channels].run(None, {"x": x.numpy()})[0])}
+
+    elif backend == "torch":
+        net = net.to(device, memory_format=torch.channels_last)
+        net.gray_weight = net.gray_weight.to(device)
+
+        @torch.no_grad()
+        def features(batch: Tensor) -> dict[str, Tensor]:
+            x = inception.preprocess(batch.to(device))
+            with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16):
+                return {"features": net(x)}
+    else:
+        raise UsageError(f"unknown Inception backend '{backend}'; use onnxruntime or torch")
+    return Extractor("inception", info, features, batch_size=50, fingerprint=f"inception-{inception.SHA1[:12]}")
+
+
+def _inception_session(net: nn.Module, channels: int):
+    """An ONNX Runtime session for the FID network, exported once per input channel count and cached."""
+    import onnxruntime as ort
+
+    from benchmarks import inception
+    from distill.checkpoint import atomic_write
+
+    path = cache_dir() / f"inception-{inception.SHA1[:12]}-c{channels}.onnx"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        example = torch.zeros(2, channels, inception.SIZE, inception.SIZE)
+        atomic_write(path, lambda tmp: torch.onnx.export(
+            net, (example,), tmp, dynamo=False, input_names=["x"], output_names=["features"],
+            dynamic_axes={"x": {0: "n"}, "features": {0: "n"}}, opset_version=17))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def domain_extractor(dataset: str, device: str = "cpu") -> Extractor:
+    """The dataset's own classifier: 128-d features and class logits at native resolution."""
+    from benchmarks.classifier import load_classifier
+
+    model = load_classifier(dataset).to(device)
+    c = model.cfg
+    info = {"extractor": f"domain:{c.dataset}", "network": f"{c.dataset}-classifier "
+            f"(held-out accuracy {model.report.get('heldout_accuracy', float('nan')):.4f})",
+            "resize": "none", "backend": "torch", "precision": "fp32"}
+
+    @torch.no_grad()
+    def features(batch: Tensor) -> dict[str, Tensor]:
+        if tuple(batch.shape[1:]) != (c.in_channels, c.image_size, c.image_size):
+            raise UsageError(f"images are {tuple(batch.shape[1:])}, the {c.dataset} classifier expects "
+                             f"{(c.in_channels, c.image_size, c.image_size)}; evaluate against the matching --data")
+        x = batch.to(device).float() / 127.5 - 1.0
+        f, logits = model.features_and_logits(x)
+        return {"features": f, "logits": logits}
+
+    digest = hashlib.sha1(b"".join(v.detach().cpu().numpy().tobytes() for v in model.state_dict().values()))
+    return Extractor(f"domain:{c.dataset}", info, features, batch_size=500,
+                     fingerprint=f"domain-{c.dataset}-{digest.hexdigest()[:12]}")
+
+
+# -- real data -------------------------------------------------------------------------------------------------
+
+
+def real_split(data, split: str) -> tuple[Tensor, Tensor | None]:
+    """uint8 images (and labels) of a fixed half of the dataset: ``A``, ``B`` or ``all``."""
+    if split not in SPLITS:
+        raise UsageError(f"--ref {split}: choose one of {', '.join(SPLITS)}")
+    images = to_uint8_nchw(data.images)
+    labels = data.labels
+    if split != "all":
+        perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(SPLIT_SEED))
+        half = perm[: len(images) // 2] if split == "A" else perm[len(images) // 2:]
+        images = images[half]
+        labels = labels[half] if labels is not None else None
+    return images, labels
+
+
+def reference_features(data, split: str, extractor: Extractor, progress: bool = True) -> dict[str, Tensor]:
+    """Features of a real split, computed once per (extractor, dataset, images) and cached as safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    from distill.checkpoint import atomic_write
+
+    images, _ = real_split(data, split)
+    digest = hashlib.sha1(images.numpy().tobytes()).hexdigest()[:12]
+    name = f"{data.name.replace(':', '_').replace('/', '_')}-{split}-{digest}"
+    path = cache_dir() / "reference" / f"{extractor.fingerprint}-{name}.safetensors"
+    if path.is_file():
+        return load_file(str(path))
+    feats = extractor(images, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in feats.items()}, tmp))
+    return feats
+
+
+# -- the statistics (torchmetrics) -----------------------------------------------------------------------------
+
+
+def frechet_distance(real: Tensor, fake: Tensor) -> float:
+    """FID's formula on any features (torchmetrics ``FrechetInceptionDistance``, float64)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    metric = FrechetInceptionDistance(feature=Precomputed(real.shape[1]))
+    metric.update(real.double(), real=True)
+    metric.update(fake.double(), real=False)
+    return float(metric.compute())
+
+
+def kernel_distance(real: Tensor, fake: Tensor, subsets: int = 100, subset_size: int = 1000,
+                    seed: int = 0) -> tuple[float, float]:
+    """KID (torchmetrics ``KernelInceptionDistance``): mean and std over random subsets, seeded."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    size = min(subset_size, len(real), len(fake))
+    metric = KernelInceptionDistance(feature=Precomputed(real.shape[1]), subsets=subsets, subset_size=size)
+    metric.update(real.double(), real=True)
+    metric.update(fake.double(), real=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        mean, std = metric.compute()
+    return float(mean), float(std)
+
+
+def inception_score(logits: Tensor, splits: int = 10, seed: int = 0) -> tuple[float, float]:
+    """IS (torchmetrics ``InceptionScore``) on the given classifier logits: mean and std over splits, seeded."""
+    from torchmetrics.image.inception import InceptionScore
+
+    metric = InceptionScore(feature=Precomputed(logits.shape[1]), splits=splits)
+    metric.update(logits.double())
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        mean, std = metric.compute()
+    return float(mean), float(std)
+
+
+METRICS = ("fd", "kid", "is", "acc", "fid", "kid_inception")
+DEFAULT_METRICS = ("fd", "kid", "is", "acc", "fid")
+
+
+@dataclass
+class Quality:
+    """Computes the requested metrics of image sets against one real reference split."""
+
+    data: object  # distill.data.ImageDataset
+    ref: str = "A"
+    metrics: tuple[str, ...] = DEFAULT_METRICS
+    inception_backend: str = "onnxruntime"
+    device: str = "cpu"
+    progress: bool = True
+    _extractors: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown:
+            raise UsageError(f"--metrics: unknown {', '.join(unknown)}; choose from {', '.join(METRICS)}")
+        if "acc" in self.metrics and self.data.labels is None:
+            raise UsageError(f"--metrics acc: dataset {self.data.name} has no labels")
+
+    def extractor(self, kind: str) -> Extractor:
+        if kind not in self._extractors:
+            self._extractors[kind] = (domain_extractor(self.data.name, self.device) if kind == "domain" else
+                                      inception_extractor(self.inception_backend, self.device))
+        return self._extractors[kind]
+
+    def __call__(self, images: Tensor | np.ndarray, labels: Tensor | None = None) -> dict:
+        """Metrics of ``images`` (uint8 or [-1, 1]); ``labels`` = the requested classes, for ``acc``."""
+        images = to_uint8_nchw(images)
+        out: dict = {"ref": f"{self.data.name}:{self.ref}", "n_fake": len(images)}
+        want = set(self.metrics)
+        if want & {"fd", "kid", "is", "acc"}:
+            ext = self.extractor("domain")
+            fake = ext(images, progress=self.progress)
+            real = reference_features(self.data, self.ref, ext, progress=self.progress)
+            out["domain"] = ext.info
+            out["n_ref"] = len(real["features"])
+            if "fd" in want:
+                out["fd"] = frechet_distance(real["features"], fake["features"])
+            if "kid" in want:
+                out["kid"], out["kid_std"] = kernel_distance(real["features"], fake["features"])
+            if "is" in want:
+                out["is"], out["is_std"] = inception_score(fake["logits"])
+            if "acc" in want and labels is not None:
+                out["acc"] = float((fake["logits"].argmax(1) == torch.as_tensor(labels)).float().mean())
+        if want & {"fid", "kid_inception"}:
+            ext = self.extractor("inception")
+            fake = ext(images, progress=self.progress)
+            real = reference_features(self.data, self.ref, ext, progress=self.progress)
+            out["inception"] = ext.info
+            out["n_ref"] = len(real["features"])
+            if "fid" in want:
+                out["fid"] = frechet_distance(real["features"], fake["features"])
+            if "kid_inception" in want:
+                out["kid_inception"], out["kid_inception_std"] = kernel_distance(real["features"], fake["features"])
+        return out
