@@ -28,7 +28,7 @@ def load_images(spec: str) -> tuple[np.ndarray, np.ndarray | None, dict]:
 
 
 def is_image_source(source: str) -> bool:
-    return source.startswith(("npz:", "folder:")) or source.endswith(".npz")
+    return source.startswith(("npz:", "folder:", "real:")) or source.endswith(".npz")
 
 
 def default_data(source: str) -> str | None:
@@ -37,21 +37,13 @@ def default_data(source: str) -> str | None:
         return None
     from distill.checkpoint import read_metadata, resolve_model_path
 
-    return (read_metadata(resolve_model_path(source)).get("data") or {}).get("spec")
-
-
-def default_guidance(source: str) -> float:
-    """The guidance weight a model's card recommends (metadata ``card.guidance``), else 0."""
-    if is_image_source(source):
-        return 0.0
-    from distill.checkpoint import read_metadata, resolve_model_path
-
-    return float((read_metadata(resolve_model_path(source)).get("card") or {}).get("guidance", 0.0))
+    data = read_metadata(resolve_model_path(source)).get("data") or {}
+    return data.get("spec") or (data.get("name") if data.get("name") in ("digits", "mnist") else None)
 
 
 def evaluate(source: str, *, data_spec: str | None = None, ref: str = "A", metrics: tuple[str, ...] | None = None,
              sampler: str = "dpmpp_2m", steps: int = 20, spacing: str | None = None, eta: float | None = None,
-             guidance: float = 0.0, seeds: list[int] | None = None, classes: list[int] | None = None,
+             guidance: float | None = None, seeds: list[int] | None = None, classes: list[int] | None = None,
              batch_size: int = 250, bf16: bool = False, device: str = "cpu", inception_backend: str = "onnxruntime",
              progress: bool = True, quality: Quality | None = None, denoiser=None) -> dict:
     """Sample ``source`` (a model) or read it (images), then measure it against the real split ``ref``."""
@@ -66,7 +58,12 @@ def evaluate(source: str, *, data_spec: str | None = None, ref: str = "A", metri
         quality = Quality(load_dataset(data_spec), ref=ref, inception_backend=inception_backend, device=device,
                           progress=progress, **kwargs)
     result: dict = {"source": source, "data": data_spec}
-    if is_image_source(source):
+    if source.startswith("real:"):  # a real half: B against A is the real-vs-real floor
+        from benchmarks.metrics import real_split
+
+        images, labels = real_split(quality.data, source.partition(":")[2])
+        result.update({"images": source, "count": len(images)})
+    elif is_image_source(source):
         images, labels, info = load_images(source)
         result.update(info)
     else:
@@ -80,6 +77,10 @@ def evaluate(source: str, *, data_spec: str | None = None, ref: str = "A", metri
                                       guidance=guidance, spacing=spacing, eta=eta, batch_size=batch_size,
                                       device=device, bf16=bf16, progress=progress, source=source)
         seconds = time.perf_counter() - start
+        if guidance is None:
+            from distill.checkpoint import card_guidance
+
+            guidance = card_guidance(den.metadata)
         result.update({"sampler": sampler, "steps": steps, "nfe": nfe(sampler, steps), "spacing": spacing,
                        "eta": eta, "guidance": guidance, "bf16": bf16, "seeds": f"{seeds[0]}-{seeds[-1]}"
                        if seeds == list(range(seeds[0], seeds[0] + len(seeds))) else seeds,

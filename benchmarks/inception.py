@@ -193,13 +193,13 @@ class InceptionV3(nn.Module):
         self.gray_weight: Tensor | None = None  # first conv summed over RGB, for 1-channel input
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[1] == 1:  # R = G = B: one channel through the summed kernel is the same convolution
-            first = self.layers.conv[0]
-            y = F.relu(F.conv2d(x, self.gray_weight.to(x.dtype), first.bias.to(x.dtype), stride=2))
-            x = self.layers[1:](y)
-        else:
-            x = self.layers(x)
-        return x.mean((2, 3)).float()
+        # The first convolution always runs in fp32: under bf16 it rounds the input pixels and alone causes most
+        # of bf16's feature error (9 % -> 2 % relative when it stays fp32). It is cheap at 1 or 3 input channels.
+        first = self.layers.conv[0]
+        weight = self.gray_weight if x.shape[1] == 1 else first.weight  # R = G = B: the summed kernel is the same
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.relu(F.conv2d(x.float(), weight, first.bias, stride=2))
+        return self.layers[1:](y).mean((2, 3)).float()
 
     @classmethod
     def from_torchscript(cls, path: Path | None = None, verify: bool = True) -> InceptionV3:

@@ -111,6 +111,11 @@ def resolve_model_path(path: Path | str) -> Path:
     return path
 
 
+def card_guidance(meta: dict[str, Any]) -> float:
+    """The default classifier-free guidance weight a model file records (``card.guidance``), else 0."""
+    return float((meta.get("card") or {}).get("guidance", 0.0))
+
+
 def load_denoiser(path: Path | str, device: str = "cpu"):
     """Load a model file, a run directory holding ``model.safetensors``, or a shipped model by name (``mnist``)."""
     path = resolve_model_path(path)

@@ -99,6 +99,23 @@ def teacher_train(data_spec, out, resume, image_size, unconditional, schedule, p
     click.echo(f"wrote {out / 'model.safetensors'}")
 
 
+@teacher.command("publish")
+@click.argument("run", metavar="RUN")
+@click.argument("dest", type=click.Path(dir_okay=False, path_type=Path), metavar="DEST")
+@click.option("--guidance", type=float, default=0.0, metavar="W", help="The default guidance weight to record.")
+@click.option("--data", "data_spec", default=None, metavar="SPEC", help="Training data, if the run lacks it.")
+def teacher_publish(run, dest, guidance, data_spec):
+    """Copy a run's model file to DEST with its default guidance and data recorded (for shipping a teacher).
+
+    \b
+    Example (the shipped MNIST teacher):
+      distill teacher publish runs/mnist-teacher distill/weights/mnist.safetensors --guidance 0.5
+    """
+    from distill.teacher import publish
+
+    click.echo(f"wrote {publish(run, dest, guidance=guidance, data_spec=data_spec)}")
+
+
 @cli.command("sample")
 @click.argument("checkpoint", metavar="CHECKPOINT")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
@@ -108,8 +125,9 @@ def teacher_train(data_spec, out, resume, image_size, unconditional, schedule, p
 @click.option("--spacing", type=click.Choice(["uniform", "karras", "logsnr"]), default=None,
               help="Timestep spacing [default: the sampler's usual one].")
 @click.option("--eta", type=click.FloatRange(0, 1), default=None, help="DDIM eta (0 = deterministic).")
-@click.option("--guidance", type=float, default=0.0, metavar="W",
-              help="Classifier-free guidance weight w: (1 + w) eps(c) - w eps(null).")
+@click.option("--guidance", type=float, default=None, metavar="W",
+              help="Classifier-free guidance weight w: (1 + w) eps(c) - w eps(null) [default: the model card's, "
+                   "else 0].")
 @click.option("--classes", default=None, metavar="LIST",
               help="Class labels, cycled over the seeds, e.g. 0-9 [default: all classes of a conditional model].")
 @click.option("--seeds", default="0-63", metavar="LIST", help="Per-sample seeds, e.g. 0-63 or 1,5,9.")
@@ -164,19 +182,20 @@ def eval_(source, data_spec, ref, metric_list, sampler, steps, spacing, eta, gui
     """Measure sample quality: FD/KID/IS/class accuracy (domain classifier) and FID (InceptionV3).
 
     SOURCE is a model (a .safetensors file, a run directory or a shipped name such as mnist), which is sampled
-    once per seed, or images: a .npz (e.g. from distill sample), npz:PATH or folder:PATH.
+    once per seed, or images: a .npz (e.g. from distill sample), npz:PATH, folder:PATH, or real:B (the other
+    fixed half of the real data: real:B against --ref A is the real-vs-real floor).
 
     \b
     Examples:
       distill eval mnist --sampler heun --steps 10
       distill eval runs/mnist/samples/samples.npz --data mnist
-      distill eval npz:real.npz --data mnist --ref B --metrics fd,fid
+      distill eval real:B --data mnist --metrics fd,fid
     """
-    from benchmarks.evaluate import default_guidance, evaluate, summary_line, write_json
+    from benchmarks.evaluate import evaluate, summary_line, write_json
 
     result = evaluate(source, data_spec=data_spec, ref=ref, metrics=tuple(m for m in metric_list.split(",") if m),
                       sampler=sampler, steps=steps, spacing=spacing, eta=eta,
-                      guidance=default_guidance(source) if guidance is None else guidance,
+                      guidance=guidance,
                       seeds=parse_int_list(seeds, "--seeds"),
                       classes=parse_int_list(classes, "--classes") if classes else None, batch_size=batch_size,
                       bf16=bf16, device=device, inception_backend=inception_backend)

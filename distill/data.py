@@ -27,6 +27,7 @@ class ImageDataset:
     labels: Tensor | None
     num_classes: int
     class_names: list[str] | None = None
+    spec: str = ""  # how to load it again (``--data``), set by :func:`load_dataset`
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -36,7 +37,8 @@ class ImageDataset:
         return tuple(self.images.shape[1:])
 
     def describe(self) -> dict:
-        return {"name": self.name, "size": len(self), "shape": list(self.shape), "num_classes": self.num_classes}
+        return {"name": self.name, "spec": self.spec, "size": len(self), "shape": list(self.shape),
+                "num_classes": self.num_classes}
 
 
 def _from_array(name: str, x: np.ndarray, y: np.ndarray | None, source: str,
@@ -143,6 +145,12 @@ def load_npz_dataset(path: Path) -> ImageDataset:
 
 def load_dataset(spec: str, image_size: int | None = None) -> ImageDataset:
     """Load ``digits``, ``mnist``, ``folder:PATH`` or ``npz:PATH``."""
+    data = _load(spec, image_size)
+    data.spec = spec
+    return data
+
+
+def _load(spec: str, image_size: int | None) -> ImageDataset:
     if spec == "digits":
         return load_digits_dataset()
     if spec == "mnist":

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from distill.checkpoint import atomic_write, load_denoiser
+from distill.checkpoint import atomic_write, card_guidance, load_denoiser
 from distill.denoiser import Cond
 from distill.errors import UsageError
 from distill.samplers import generate
@@ -46,11 +46,14 @@ def save_png(path: Path, array: np.ndarray) -> None:
 
 
 def draw_samples(den, *, sampler: str, steps: int, seeds: list[int], classes: list[int] | None = None,
-                 guidance: float = 0.0, spacing: str | None = None, eta: float | None = None,
+                 guidance: float | None = None, spacing: str | None = None, eta: float | None = None,
                  batch_size: int = 256, device: str = "cpu", bf16: bool = False, progress: bool = True,
                  source: str = "the model") -> tuple[np.ndarray, Tensor | None]:
     """One sample per seed from a loaded denoiser, classes cycled over the seeds (all classes of a conditional
-    model by default): uint8 NHWC images and the requested labels. ``bf16`` runs the network under autocast."""
+    model by default): uint8 NHWC images and the requested labels. ``bf16`` runs the network under autocast.
+    ``guidance=None`` takes the model card's default weight (0 when it has none)."""
+    if guidance is None:
+        guidance = card_guidance(getattr(den, "metadata", {}))
     num_classes = den.net.config.num_classes
     if classes is not None and not num_classes:
         raise UsageError(f"--classes: {source} is unconditional; drop --classes")
@@ -74,7 +77,7 @@ def draw_samples(den, *, sampler: str, steps: int, seeds: list[int], classes: li
 
 
 def sample_to_files(checkpoint: Path, out: Path, *, sampler: str, steps: int, spacing: str | None,
-                    eta: float | None, guidance: float, classes: list[int] | None, seeds: list[int],
+                    eta: float | None, guidance: float | None, classes: list[int] | None, seeds: list[int],
                     batch_size: int, device: str = "cpu", bf16: bool = False) -> tuple[Path, Path]:
     """Sample one image per seed and write ``grid.png`` and ``samples.npz`` (images, labels, seeds) to ``out``."""
     den = load_denoiser(checkpoint, device)
@@ -87,7 +90,7 @@ def sample_to_files(checkpoint: Path, out: Path, *, sampler: str, steps: int, sp
     if labels is not None:
         arrays["labels"] = labels.numpy()
     info = {"checkpoint": str(checkpoint), "sampler": sampler, "steps": steps, "spacing": spacing, "eta": eta,
-            "guidance": guidance, "bf16": bf16}
+            "guidance": card_guidance(den.metadata) if guidance is None else guidance, "bf16": bf16}
     arrays["info"] = np.array(json.dumps(info))
 
     def write_npz(tmp: str) -> None:

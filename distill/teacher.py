@@ -97,3 +97,20 @@ def train_teacher(run: TeacherRun, out: Path, *, resume: bool = False, command: 
         trainer.resume()
     trainer.fit(progress=progress)
     return trainer
+
+
+def publish(run: Path | str, dest: Path, *, guidance: float, data_spec: str | None = None) -> Path:
+    """Copy a run's inference artifact to ``dest`` (a ``.safetensors`` path), recording the default guidance
+    weight (``card.guidance``, used by ``distill eval``/``sample`` when none is given) and the training data."""
+    from distill.checkpoint import load_tensors, resolve_model_path, save_tensors
+
+    src = resolve_model_path(run)
+    tensors, meta = load_tensors(src)
+    data = dict(meta.get("data") or {})
+    if data_spec:
+        data["spec"] = data_spec
+    if not data.get("spec"):
+        raise UsageError(f"{src}: does not record its training data; pass --data")
+    meta = {**meta, "data": data, "card": {**(meta.get("card") or {}), "guidance": guidance}}
+    save_tensors(dest, tensors, meta)
+    return dest

@@ -161,6 +161,9 @@ def test_cli_eval_images_writes_a_result(tmp_path, digits):
     result = json.loads(out.read_text())
     assert result["n_fake"] == len(metrics.real_split(digits, "B")[0]) and result["acc"] > 0.98
     assert "fd=" in r.output and result["domain"]["network"].startswith("digits-classifier")
+    r = CliRunner().invoke(cli, ["eval", "real:B", "--data", "digits", "--metrics", "fd", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["fd"] == pytest.approx(result["fd"])  # the same images as the .npz
 
 
 def test_cli_eval_samples_a_model_and_records_the_sampler(tmp_path):
@@ -198,3 +201,25 @@ def test_cli_eval_bad_input_is_one_clear_line(tmp_path, digits, monkeypatch):
     for args, message in cases:
         r = CliRunner().invoke(cli, args)
         assert r.exit_code != 0 and message in str(r.exception or r.output), (args, r.exception)
+
+
+def test_teacher_baseline_writes_table_plot_and_resumes(tmp_path):
+    from benchmarks import teacher_baseline
+    from distill.teacher import build_teacher, train_teacher
+
+    run = build_teacher(data_spec="digits", image_size=None, unconditional=False, schedule="cosine",
+                        prediction="v", channels=8, channel_mult="1,2", num_res_blocks=1, attn_res="", dropout=0.0,
+                        label_dropout=0.1, train=dict(steps=2, batch_size=8, warmup=1))
+    train_teacher(run, tmp_path / "m", progress=False)
+    out = tmp_path / "res" / "baseline"
+    args = ["--model", str(tmp_path / "m"), "--data", "digits", "--samplers", "ddim,heun", "--nfe", "1,2,4",
+            "--samples", "20", "--metrics", "fd,kid,acc", "--out", str(out)]
+    df = teacher_baseline.main(args)
+    assert sorted(zip(df["sampler"], df["nfe"])) == [("ddim", 1), ("ddim", 2), ("ddim", 4), ("heun", 1), ("heun", 3)]
+    assert df["fd"].notna().all() and (df["n_fake"] == 20).all()
+    for suffix in (".csv", ".png", ".md", ".json"):
+        assert out.with_suffix(suffix).stat().st_size > 0
+    assert "Real-vs-real floor" in out.with_suffix(".md").read_text()
+    before = out.with_suffix(".csv").read_text()
+    teacher_baseline.main(args)  # everything is already there: nothing is recomputed or duplicated
+    assert out.with_suffix(".csv").read_text() == before

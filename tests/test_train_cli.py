@@ -135,3 +135,61 @@ def test_unconditional_model_rejects_guidance(tmp_path):
     res = CliRunner().invoke(cli, ["sample", str(tmp_path / "u"), "--guidance", "2", "--steps", "1"])
     assert isinstance(res.exception, UsageError) and "--guidance" in str(res.exception)
     assert not (tmp_path / "u" / "samples").exists()
+
+
+def test_teacher_train_reads_a_yaml_config_and_flags_win(tmp_path):
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(f"""teacher:
+  data: digits
+  out: {tmp_path / 'run'}
+  channels: 8
+  channel-mult: [1, 2]
+  num_res_blocks: 1
+  attn: []
+  batch-size: 8
+  warmup: 1
+  steps: 3
+""")
+    r = CliRunner().invoke(cli, ["teacher", "train", "--config", str(cfg), "--steps", "2"])
+    assert r.exit_code == 0, r.output
+    state = load_file(tmp_path / "run" / "train_state.safetensors")
+    from distill.checkpoint import read_metadata
+
+    meta = read_metadata(tmp_path / "run" / "train_state.safetensors")
+    assert meta["step"] == 2 and meta["model"]["config"]["channels"] == 8 and state
+    assert meta["data"]["spec"] == "digits"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("teacher:\n  data: digits\n  bogus_key: 1\n", "unknown key 'bogus_key'"),
+    ("teacher: [1, 2\n", "not valid YAML"),
+    ("student:\n  data: digits\n", "needs a 'teacher:' mapping"),
+])
+def test_bad_config_files_are_one_clear_line(tmp_path, text, message):
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(text)
+    r = subprocess.run([sys.executable, "-m", "distill.cli", "teacher", "train", "--config", str(cfg), "--out",
+                        str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_publish_records_guidance_and_data_and_loads_by_name(tmp_path, monkeypatch):
+    import distill.checkpoint as ckpt
+    from distill.checkpoint import load_denoiser, read_metadata
+
+    _train(tmp_path / "run", 2)
+    monkeypatch.setattr(ckpt, "SHIPPED_DIR", tmp_path / "weights")
+    (tmp_path / "weights").mkdir()
+    r = CliRunner().invoke(cli, ["teacher", "publish", str(tmp_path / "run"),
+                                 str(tmp_path / "weights" / "tiny.safetensors"), "--guidance", "0.5"])
+    assert r.exit_code == 0, r.output
+    meta = read_metadata(tmp_path / "weights" / "tiny.safetensors")
+    assert meta["card"]["guidance"] == 0.5 and meta["data"]["spec"] == "digits"
+    assert ckpt.shipped_models() == ["tiny"]
+    den = load_denoiser("tiny")
+    assert den.null_label == 10
+    r = CliRunner().invoke(cli, ["sample", "tiny", "--steps", "1", "--seeds", "0-3", "--out", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output
+    info = json.loads(str(np.load(tmp_path / "s" / "samples.npz")["info"]))
+    assert info["guidance"] == 0.5  # the card's default
