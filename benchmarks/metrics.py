@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,9 @@ import torch
 from torch import Tensor, nn
 
 from distill.errors import UsageError
+
+# torchmetrics warns that KID and IS keep all features in memory: ours are precomputed and small.
+warnings.filterwarnings("ignore", message=r"Metric `(Kernel Inception Distance|InceptionScore)` will save all")
 
 SPLITS = ("A", "B", "all")
 SPLIT_SEED = 0

@@ -69,7 +69,8 @@ def markdown(df: pd.DataFrame, floor_row: dict, meta: dict) -> str:
     lines = [f"# Step-count baseline: {meta['model']}", "",
              f"{meta['samples']} samples per row (seeds 0-{meta['samples'] - 1}, classes cycled), guidance "
              f"w = {meta['guidance']}, against real half {meta['ref']} of `{meta['data']}` ({meta['n_ref']} images). "
-             f"FD/KID/IS/accuracy: {meta['domain']}; FID: {meta['inception']}.", "",
+             f"FD/KID/IS/accuracy: {meta['domain']}" + (f"; FID: {meta['inception']}" if meta["inception"] != "{}"
+                                                         else "") + ".", "",
              "Real-vs-real floor (" + f"{meta['floor_n']} images of half B vs A): " +
              ", ".join(f"{k} {floor_row[k]:.4g}" for k in ("fd", "kid", "acc", "is", "fid") if k in floor_row), "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

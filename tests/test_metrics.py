@@ -223,3 +223,17 @@ def test_teacher_baseline_writes_table_plot_and_resumes(tmp_path):
     before = out.with_suffix(".csv").read_text()
     teacher_baseline.main(args)  # everything is already there: nothing is recomputed or duplicated
     assert out.with_suffix(".csv").read_text() == before
+
+
+def test_the_shipped_mnist_teacher_loads_by_name_and_draws_the_requested_digits():
+    from distill.checkpoint import SHIPPED_DIR, card_guidance, load_denoiser
+    from distill.sampling import draw_samples
+
+    path = SHIPPED_DIR / "mnist.safetensors"
+    assert path.stat().st_size <= 10 * 2**20 and (SHIPPED_DIR / "mnist.md").is_file()
+    den = load_denoiser("mnist")
+    assert den.metadata["data"]["spec"] == "mnist" and den.net.config.num_classes == 10
+    images, labels = draw_samples(den, sampler="dpmpp_2m", steps=10, seeds=list(range(30)), progress=False)
+    assert images.shape == (30, 32, 32, 1) and labels.tolist() == [i % 10 for i in range(30)]
+    acc = metrics.Quality(load_dataset("mnist"), metrics=("acc",), progress=False)(images, labels)["acc"]
+    assert acc >= 0.9, f"{acc:.2f} of 30 samples (10 steps, w = {card_guidance(den.metadata)}) have their class"
