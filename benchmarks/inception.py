@@ -176,8 +176,6 @@ class BlockE(nn.Module):
 class InceptionV3(nn.Module):
     """``forward(x)`` with x from :func:`preprocess` (1 or 3 channels) -> ``(N, 2048)`` pool3 features."""
 
-    num_features = 2048  # read by torchmetrics instead of probing with a dummy image
-
     def __init__(self):
         super().__init__()
         self.layers = nn.Sequential()

@@ -96,7 +96,6 @@ def inception_extractor(backend: str = "onnxruntime", device: str = "cpu", bf16:
     """The FID network. ``onnxruntime`` (fp32, CPU) is the fast default; ``torch`` runs on any device."""
     from benchmarks import inception
 
-    net = inception.InceptionV3.from_torchscript()
     info = {"extractor": "inception", "network": inception.NAME, "resize": "tf-bilinear 299x299",
             "backend": backend, "precision": "bf16" if bf16 else "fp32"}
     if backend == "onnxruntime":
@@ -108,11 +107,11 @@ def inception_extractor(backend: str = "onnxruntime", device: str = "cpu", bf16:
             x = inception.preprocess(batch, channels_last=False)
             channels = x.shape[1]
             if channels not in sessions:
-                sessions[channels] = _inception_session(net, channels)
+                sessions[channels] = _inception_session(channels)
             return {"features": torch.from_numpy(sessions[channels].run(None, {"x": x.numpy()})[0])}
 
     elif backend == "torch":
-        net = net.to(device, memory_format=torch.channels_last)
+        net = inception.InceptionV3.from_torchscript().to(device, memory_format=torch.channels_last)
         net.gray_weight = net.gray_weight.to(device)
 
         @torch.no_grad()
@@ -125,7 +124,7 @@ def inception_extractor(backend: str = "onnxruntime", device: str = "cpu", bf16:
     return Extractor("inception", info, features, batch_size=50, fingerprint=f"inception-{inception.SHA1[:12]}")
 
 
-def _inception_session(net: nn.Module, channels: int):
+def _inception_session(channels: int):
     """An ONNX Runtime session for the FID network, exported once per input channel count and cached."""
     import onnxruntime as ort
 
@@ -135,6 +134,7 @@ def _inception_session(net: nn.Module, channels: int):
     path = cache_dir() / f"inception-{inception.SHA1[:12]}-c{channels}.onnx"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
+        net = inception.InceptionV3.from_torchscript()
         example = torch.zeros(2, channels, inception.SIZE, inception.SIZE)
         atomic_write(path, lambda tmp: torch.onnx.export(
             net, (example,), tmp, dynamo=False, input_names=["x"], output_names=["features"],
@@ -273,17 +273,21 @@ class Quality:
                                       inception_extractor(self.inception_backend, self.device))
         return self._extractors[kind]
 
+    def _features(self, kind: str, images: Tensor, out: dict) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Reference and sample features of one extractor; records the extractor and reference count in ``out``."""
+        ext = self.extractor(kind)
+        real = reference_features(self.data, self.ref, ext, progress=self.progress)
+        out[kind] = ext.info
+        out["n_ref"] = len(real["features"])
+        return real, ext(images, progress=self.progress)
+
     def __call__(self, images: Tensor | np.ndarray, labels: Tensor | None = None) -> dict:
         """Metrics of ``images`` (uint8 or [-1, 1]); ``labels`` = the requested classes, for ``acc``."""
         images = to_uint8_nchw(images)
         out: dict = {"ref": f"{self.data.name}:{self.ref}", "n_fake": len(images)}
         want = set(self.metrics)
         if want & {"fd", "kid", "is", "acc"}:
-            ext = self.extractor("domain")
-            fake = ext(images, progress=self.progress)
-            real = reference_features(self.data, self.ref, ext, progress=self.progress)
-            out["domain"] = ext.info
-            out["n_ref"] = len(real["features"])
+            real, fake = self._features("domain", images, out)
             if "fd" in want:
                 out["fd"] = frechet_distance(real["features"], fake["features"])
             if "kid" in want:
@@ -293,11 +297,7 @@ class Quality:
             if "acc" in want and labels is not None:
                 out["acc"] = float((fake["logits"].argmax(1) == torch.as_tensor(labels)).float().mean())
         if want & {"fid", "kid_inception"}:
-            ext = self.extractor("inception")
-            fake = ext(images, progress=self.progress)
-            real = reference_features(self.data, self.ref, ext, progress=self.progress)
-            out["inception"] = ext.info
-            out["n_ref"] = len(real["features"])
+            real, fake = self._features("inception", images, out)
             if "fid" in want:
                 out["fid"] = frechet_distance(real["features"], fake["features"])
             if "kid_inception" in want:

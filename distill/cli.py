@@ -28,6 +28,23 @@ def cli():
     """
 
 
+def sampling_options(command):
+    """The sampler settings shared by ``sample`` and ``eval``."""
+    for option in reversed([
+        click.option("--sampler", type=click.Choice(["ddpm", "ddim", "euler", "heun", "dpmpp_2m"]),
+                     default="dpmpp_2m"),
+        click.option("--steps", type=click.IntRange(1, 10000), default=20, metavar="N", help="Sampler steps."),
+        click.option("--spacing", type=click.Choice(["uniform", "karras", "logsnr"]), default=None,
+                     help="Timestep spacing [default: the sampler's usual one]."),
+        click.option("--eta", type=click.FloatRange(0, 1), default=None, help="DDIM eta (0 = deterministic)."),
+        click.option("--guidance", type=float, default=None, metavar="W",
+                     help="Classifier-free guidance weight w: (1 + w) eps(c) - w eps(null) [default: the model "
+                          "card's, else 0]."),
+    ]):
+        command = option(command)
+    return command
+
+
 @cli.group()
 def teacher():
     """Train and inspect diffusion teachers."""
@@ -120,14 +137,7 @@ def teacher_publish(run, dest, guidance, data_spec):
 @click.argument("checkpoint", metavar="CHECKPOINT")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
               help="Output folder [default: CHECKPOINT's folder / samples, or ./samples for a shipped model].")
-@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "euler", "heun", "dpmpp_2m"]), default="dpmpp_2m")
-@click.option("--steps", type=click.IntRange(1, 10000), default=20, metavar="N", help="Sampler steps.")
-@click.option("--spacing", type=click.Choice(["uniform", "karras", "logsnr"]), default=None,
-              help="Timestep spacing [default: the sampler's usual one].")
-@click.option("--eta", type=click.FloatRange(0, 1), default=None, help="DDIM eta (0 = deterministic).")
-@click.option("--guidance", type=float, default=None, metavar="W",
-              help="Classifier-free guidance weight w: (1 + w) eps(c) - w eps(null) [default: the model card's, "
-                   "else 0].")
+@sampling_options
 @click.option("--classes", default=None, metavar="LIST",
               help="Class labels, cycled over the seeds, e.g. 0-9 [default: all classes of a conditional model].")
 @click.option("--seeds", default="0-63", metavar="LIST", help="Per-sample seeds, e.g. 0-63 or 1,5,9.")
@@ -161,13 +171,7 @@ def sample(checkpoint, out, sampler, steps, spacing, eta, guidance, classes, see
               help="Which fixed half of the real data is the reference (B vs A is the real-vs-real floor).")
 @click.option("--metrics", "metric_list", default="fd,kid,is,acc,fid", metavar="LIST",
               help="Any of fd, kid, is, acc (domain classifier) and fid, kid_inception (InceptionV3).")
-@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "euler", "heun", "dpmpp_2m"]), default="dpmpp_2m")
-@click.option("--steps", type=click.IntRange(1, 10000), default=20, metavar="N", help="Sampler steps.")
-@click.option("--spacing", type=click.Choice(["uniform", "karras", "logsnr"]), default=None,
-              help="Timestep spacing [default: the sampler's usual one].")
-@click.option("--eta", type=click.FloatRange(0, 1), default=None, help="DDIM eta (0 = deterministic).")
-@click.option("--guidance", type=float, default=None, metavar="W",
-              help="Classifier-free guidance weight w [default: the model card's, else 0].")
+@sampling_options
 @click.option("--classes", default=None, metavar="LIST", help="Class labels cycled over the seeds [default: all].")
 @click.option("--seeds", default="0-2499", metavar="LIST", help="Per-sample seeds (one sample each).")
 @click.option("--batch-size", type=click.IntRange(1), default=250, metavar="B")
