@@ -125,7 +125,7 @@ Callback = Callable[[dict], None]
 def sample_ddim(denoise, x: Tensor, ts: Tensor, *, cond=None, generator: PerSampleGenerator | None = None,
                 callback: Callback | None = None, progress: bool = False, eta: float = 0.0) -> Tensor:
     """DDIM (Song et al. 2021), deterministic at ``eta = 0``."""
-    for i in _loop(ts, progress, "ddim"):
+    for i in _loop(ts, progress, "ddpm" if eta == 1 else "ddim"):
         a_t, s_t = alpha_sigma_at(denoise.schedule, ts[i])
         a_s, s_s = alpha_sigma_at(denoise.schedule, ts[i + 1])
         x0 = denoise(x, _t(ts, i, x), cond)

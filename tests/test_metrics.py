@@ -65,6 +65,18 @@ def test_onnxruntime_inception_backend_matches_torch(inception_net):
     assert ((ort - ref).norm() / ref.norm()) < 1e-4
 
 
+def test_bf16_inception_is_close_and_never_shares_cached_references():
+    images = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    fp32, bf16 = metrics.inception_extractor("torch"), metrics.inception_extractor("torch-bf16")
+    ref, got = fp32(images)["features"], bf16(images)["features"]
+    assert got.dtype == torch.float32 and bf16.info["precision"] == "bf16"
+    assert 0 < ((got - ref).norm() / ref.norm()) < 0.05
+    fingerprints = {e.fingerprint for e in (fp32, bf16, metrics.inception_extractor("onnxruntime"))}
+    assert len(fingerprints) == 3
+    with pytest.raises(metrics.UsageError, match="torch-bf16"):
+        metrics.inception_extractor("onnxruntime", bf16=True)
+
+
 def _scipy_frechet(a, b):
     a, b = a.double().numpy(), b.double().numpy()
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
