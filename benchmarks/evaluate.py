@@ -81,7 +81,8 @@ def evaluate(source: str, *, data_spec: str | None = None, ref: str = "A", metri
             from distill.checkpoint import card_guidance
 
             guidance = card_guidance(den.metadata)
-        result.update({"sampler": sampler, "steps": steps, "nfe": nfe(sampler, steps), "spacing": spacing,
+        result.update({"sampler": sampler, "steps": steps, "nfe": nfe(sampler, steps, den.schedule, spacing),
+                       "spacing": spacing,
                        "eta": eta, "guidance": guidance, "bf16": bf16, "seeds": f"{seeds[0]}-{seeds[-1]}"
                        if seeds == list(range(seeds[0], seeds[0] + len(seeds))) else seeds,
                        "sample_seconds": round(seconds, 2)})

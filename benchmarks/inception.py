@@ -203,8 +203,9 @@ class InceptionV3(nn.Module):
     def bf16(self) -> InceptionV3:
         """Everything after the first convolution in bf16 weights and activations (features stay fp32).
 
-        Faster than autocast, which re-casts every weight on every call (on this 2-core AVX512-BF16 CPU, 28-38
-        images/s against autocast's 24-33). Features move ~2 % (relative); FID by ~0.25 % (see ``benchmarks/results/inception_check.md``).
+        Faster than autocast, which re-casts every weight on every call (on this 2-core AVX512-BF16 CPU,
+        28-38 images/s against autocast's 24-33). Features move ~2 % (relative), FID by ~0.25 %
+        (``benchmarks/results/inception_check.md``).
         """
         self.layers[1:].to(torch.bfloat16)
         return self

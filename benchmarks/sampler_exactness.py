@@ -35,7 +35,7 @@ def measure(schedule_name: str, sampler: str, steps: int, n: int) -> dict:
     row = {"schedule": schedule_name, "sampler": sampler, "steps": steps, "nfe": den.calls, "n": n,
            "mean_err_vs_true": float(torch.linalg.norm(m - mu) / torch.linalg.norm(mu)),
            "cov_err_vs_true": float(torch.linalg.norm(c - cov) / torch.linalg.norm(cov))}
-    assert den.calls == nfe(sampler, steps)
+    assert den.calls == nfe(sampler, steps, schedule)
     if sampler != "ddpm":
         t0 = float(make_timesteps(schedule, steps, DEFAULT_SPACING[sampler])[0])
         x_T = prior_sample(schedule, PerSampleGenerator(range(n)), (3,), t0, dtype=torch.float64)

@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     for sampler in args.samplers.split(","):
         seen = set()
         for budget in parse_int_list(args.nfe, "--nfe"):
-            steps = steps_for_nfe(sampler, budget)
-            cost = nfe_of(sampler, steps)
+            steps = steps_for_nfe(sampler, budget, den.schedule)
+            cost = nfe_of(sampler, steps, den.schedule)
             if cost in seen:
                 continue
             seen.add(cost)
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             r = evaluate(args.model, data_spec=data_spec, sampler=sampler, steps=steps, guidance=guidance,
                          seeds=seeds, batch_size=args.batch_size, bf16=args.bf16, progress=False,
                          quality=quality, denoiser=den)
-            row = {c: r.get(c) for c in COLUMNS}
+            row = {c: r.get(c, float("nan")) for c in COLUMNS}  # nan, as in a reread CSV
             df = pd.concat([df.dropna(axis=1, how="all"), pd.DataFrame([row])], ignore_index=True)
             df.to_csv(csv, index=False)
             print(json.dumps({k: row[k] for k in ("sampler", "nfe", "fd", "fid", "acc", "sample_seconds")

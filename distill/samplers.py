@@ -58,7 +58,8 @@ def make_timesteps(schedule: Schedule, steps: int, spacing: str = "uniform", t_m
     """``steps + 1`` decreasing times from ``t_max`` to 0.
 
     ``uniform`` is even in t; ``karras`` even in ``sigma^(1/7)`` of the VE-equivalent noise level (Karras et al.
-    2022, Eq. 5) from ``min(sigma(t_max), 80)``; ``logsnr`` even in log-SNR (Lu et al. 2022). The last two stop
+    2022, Eq. 5) from ``min(sigma(t_max), 80)``, after one interval from ``t_max`` down to 80 when the schedule
+    starts higher (VP); ``logsnr`` even in log-SNR (Lu et al. 2022). The last two stop
     at ``sigma = 0.002`` and then step to clean data. Start sampling at ``ts[0]`` (see :func:`prior_sample`).
     """
     if steps < 1:
@@ -73,10 +74,16 @@ def make_timesteps(schedule: Schedule, steps: int, spacing: str = "uniform", t_m
         inner = t_max_.reshape(1)
     elif spacing == "karras":
         sig_max, sig_min = torch.exp(-0.5 * schedule.logsnr(torch.stack([t_max_, t_min])))
-        u = torch.linspace(0, 1, steps, dtype=torch.float64)
-        sigmas = karras_sigmas(u, float(sig_min), min(float(sig_max), SIGMA_MAX_VE), 7.0)
-        inner = schedule.t_of_sigma_ve(sigmas)
-        t_max = float(inner[0])
+        if sig_max > SIGMA_MAX_VE:
+            # EDM's grid starts at sigma 80, but a VP marginal there is not pure noise: it still holds alpha * x0,
+            # which for data whose mean is far from 0 (MNIST's black background) biases every sample (Heun then
+            # converges away from DDIM and DPM-Solver++). So one interval runs from the true start down to 80.
+            u = torch.linspace(0, 1, steps - 1, dtype=torch.float64)
+            sigmas = karras_sigmas(u, float(sig_min), SIGMA_MAX_VE, 7.0)
+            inner = torch.cat([t_max_.reshape(1), schedule.t_of_sigma_ve(sigmas)])
+        else:
+            u = torch.linspace(0, 1, steps, dtype=torch.float64)
+            inner = schedule.t_of_sigma_ve(karras_sigmas(u, float(sig_min), float(sig_max), 7.0))
     elif spacing == "logsnr":
         lam = torch.linspace(float(schedule.logsnr(t_max_)), float(schedule.logsnr(t_min)), steps,
                              dtype=torch.float64)
@@ -144,6 +151,13 @@ def sample_ddpm(denoise, x: Tensor, ts: Tensor, *, cond=None, generator: PerSamp
                        eta=1.0)
 
 
+def _heun_corrects(sigma_cur: float, sigma_next: float) -> bool:
+    """Whether a Heun step adds its 2nd-order correction: not on the last step to sigma = 0 (Karras et al.), and
+    not from above EDM's sigma_max = 80, where one step of a VP schedule spans orders of magnitude of sigma and
+    the trapezoid rule on the 1/sigma-shaped slope is far worse than the Euler (= DDIM) step alone."""
+    return sigma_next > 0 and sigma_cur <= SIGMA_MAX_VE * (1 + 1e-9)
+
+
 def _karras_ode(denoise, x: Tensor, ts: Tensor, cond, callback, progress, heun: bool) -> Tensor:
     # Karras et al. (2022) Algorithms 1-2 on the VE-equivalent state x~ = x / alpha, sigma~ = sigma / alpha,
     # where the probability-flow ODE is dx~/dsigma~ = (x~ - D(x~; sigma~)) / sigma~.
@@ -155,7 +169,7 @@ def _karras_ode(denoise, x: Tensor, ts: Tensor, cond, callback, progress, heun: 
         x_hat = x / a_cur
         d_cur = (x_hat - x0) / t_hat
         x_next = x_hat + (t_next - t_hat) * d_cur  # Euler step (Algorithm 1, line 5)
-        if heun and t_next > 0:
+        if heun and _heun_corrects(t_hat, t_next):
             # 2nd-order correction (Algorithm 1, lines 6-8).
             x0_next = denoise(a_next * x_next, _t(ts, i + 1, x), cond)
             d_prime = (x_next - x0_next) / t_next
@@ -219,14 +233,21 @@ DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "uniform", "euler": "karras", "heu
                    "dpmpp_2m": "logsnr"}
 
 
-def nfe(sampler: str, steps: int) -> int:
-    """Network evaluations of ``steps`` steps (Heun's last step to sigma = 0 is a plain Euler step)."""
-    return 2 * steps - 1 if sampler == "heun" else steps
+def nfe(sampler: str, steps: int, schedule: Schedule, spacing: str | None = None) -> int:
+    """Network evaluations of ``steps`` steps: one per step, plus Heun's corrections (see :func:`_heun_corrects`)."""
+    if sampler != "heun":
+        return steps
+    ts = make_timesteps(schedule, steps, spacing or DEFAULT_SPACING[sampler])
+    sig = [s / a for a, s in (alpha_sigma_at(schedule, t) for t in ts)]
+    return steps + sum(_heun_corrects(sig[i], sig[i + 1]) for i in range(steps))
 
 
-def steps_for_nfe(sampler: str, evaluations: int) -> int:
+def steps_for_nfe(sampler: str, evaluations: int, schedule: Schedule, spacing: str | None = None) -> int:
     """The most steps whose cost is at most ``evaluations`` network evaluations (at least one step)."""
-    return max(1, (evaluations + 1) // 2) if sampler == "heun" else max(1, evaluations)
+    steps = 1
+    while nfe(sampler, steps + 1, schedule, spacing) <= evaluations:
+        steps += 1
+    return steps
 
 
 def generate(denoise, shape: Sequence[int], seeds: Sequence[int], *, sampler: str = "ddim", steps: int = 50,

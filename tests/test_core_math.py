@@ -128,7 +128,7 @@ def test_deterministic_samplers_reproduce_gaussian_moments(sampler, steps, sched
     assert torch.linalg.norm(c - c_ref) / scale < 0.02
     # And against the true moments, allowing for the sampling error of n draws.
     assert torch.linalg.norm(c - cov) / scale < 0.02 + 4 * (2 / n) ** 0.5
-    assert den.calls == nfe(sampler, steps)
+    assert den.calls == nfe(sampler, steps, schedule)
 
 
 def test_ddpm_ancestral_matches_moments_within_sampling_error():
@@ -172,6 +172,20 @@ def test_timesteps_decrease_to_zero(spacing):
         ts = make_timesteps(s, 10, spacing)
         assert len(ts) == 11 and ts[-1] == 0.0 and (ts[0] == 1.0 or spacing == "karras")
         assert torch.all(ts[1:] < ts[:-1])
+
+
+def test_karras_grid_on_a_vp_schedule_starts_at_the_true_start_then_follows_edm():
+    from distill.samplers import SIGMA_MAX_VE, alpha_sigma_at
+
+    cosine = CosineSchedule()
+    ts = make_timesteps(cosine, 8, "karras")
+    sigmas = [s / a for a, s in (alpha_sigma_at(cosine, t) for t in ts)]
+    assert ts[0] == 1.0 and sigmas[0] > 1e3  # pure noise there, unlike at sigma 80
+    assert sigmas[1] == pytest.approx(SIGMA_MAX_VE, rel=1e-6)
+    # Heun: Euler (no correction) from above sigma 80 and on the last step, corrections in between.
+    assert nfe("heun", 8, cosine) == 8 + 6
+    ve = KarrasSchedule()  # starts at 80 itself: EDM's grid unchanged, every step but the last corrected
+    assert nfe("heun", 8, ve) == 2 * 8 - 1
 
 
 class _EchoNet(torch.nn.Module):
