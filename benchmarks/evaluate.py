@@ -67,20 +67,17 @@ def evaluate(source: str, *, data_spec: str | None = None, ref: str = "A", metri
         images, labels, info = load_images(source)
         result.update(info)
     else:
-        from distill.checkpoint import load_denoiser
+        from distill.checkpoint import card_guidance, load_denoiser
         from distill.sampling import draw_samples
 
         den = denoiser if denoiser is not None else load_denoiser(source, device)
+        guidance = card_guidance(den.metadata, guidance)
         seeds = list(range(2500)) if seeds is None else seeds
         start = time.perf_counter()
         images, labels = draw_samples(den, sampler=sampler, steps=steps, seeds=seeds, classes=classes,
                                       guidance=guidance, spacing=spacing, eta=eta, batch_size=batch_size,
                                       device=device, bf16=bf16, progress=progress, source=source)
         seconds = time.perf_counter() - start
-        if guidance is None:
-            from distill.checkpoint import card_guidance
-
-            guidance = card_guidance(den.metadata)
         result.update({"sampler": sampler, "steps": steps, "nfe": nfe(sampler, steps, den.schedule, spacing),
                        "spacing": spacing,
                        "eta": eta, "guidance": guidance, "bf16": bf16, "seeds": f"{seeds[0]}-{seeds[-1]}"

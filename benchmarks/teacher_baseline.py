@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     data_spec = args.data or (den.metadata.get("data") or {}).get("spec")
     if data_spec is None:
         p.error(f"{args.model}: pass --data (the model does not record its training data)")
-    guidance = card_guidance(den.metadata) if args.guidance is None else args.guidance
+    guidance = card_guidance(den.metadata, args.guidance)
     quality = Quality(load_dataset(data_spec), ref="A", metrics=tuple(args.metrics.split(",")), progress=False)
     csv = args.out.with_suffix(".csv")
     df = pd.read_csv(csv) if csv.exists() else pd.DataFrame(columns=COLUMNS)

@@ -111,9 +111,10 @@ def resolve_model_path(path: Path | str) -> Path:
     return path
 
 
-def card_guidance(meta: dict[str, Any]) -> float:
-    """The default classifier-free guidance weight a model file records (``card.guidance``), else 0."""
-    return float((meta.get("card") or {}).get("guidance", 0.0))
+def card_guidance(meta: dict[str, Any], guidance: float | None = None) -> float:
+    """``guidance`` when given, else the default classifier-free guidance weight a model file records
+    (``card.guidance``), else 0."""
+    return float((meta.get("card") or {}).get("guidance", 0.0) if guidance is None else guidance)
 
 
 def load_denoiser(path: Path | str, device: str = "cpu"):

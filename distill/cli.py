@@ -126,7 +126,7 @@ def teacher_publish(run, dest, guidance, data_spec):
 
     \b
     Example (the shipped MNIST teacher):
-      distill teacher publish runs/mnist-teacher distill/weights/mnist.safetensors --guidance 0.5
+      distill teacher publish runs/mnist-teacher distill/weights/mnist.safetensors --guidance 0 --data mnist
     """
     from distill.teacher import publish
 

@@ -47,6 +47,12 @@ def alpha_sigma_at(schedule: Schedule, t: Tensor) -> tuple[float, float]:
     return float(alpha), float(sigma)
 
 
+def sigma_ve_at(schedule: Schedule, t: Tensor) -> float:
+    """The VE-equivalent noise level ``sigma / alpha`` at one sampler time (0 at ``t = 0``)."""
+    alpha, sigma = alpha_sigma_at(schedule, t)
+    return sigma / alpha
+
+
 def prior_sample(schedule: Schedule, generator: PerSampleGenerator, shape: Sequence[int], t_max: float = 1.0,
                  device="cpu", dtype=torch.float32) -> Tensor:
     """The starting state ``x_T = sigma(t_max) * eps`` (the data term is negligible at ``t_max``)."""
@@ -238,7 +244,7 @@ def nfe(sampler: str, steps: int, schedule: Schedule, spacing: str | None = None
     if sampler != "heun":
         return steps
     ts = make_timesteps(schedule, steps, spacing or DEFAULT_SPACING[sampler])
-    sig = [s / a for a, s in (alpha_sigma_at(schedule, t) for t in ts)]
+    sig = [sigma_ve_at(schedule, t) for t in ts]
     return steps + sum(_heun_corrects(sig[i], sig[i + 1]) for i in range(steps))
 
 

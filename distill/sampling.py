@@ -52,8 +52,7 @@ def draw_samples(den, *, sampler: str, steps: int, seeds: list[int], classes: li
     """One sample per seed from a loaded denoiser, classes cycled over the seeds (all classes of a conditional
     model by default): uint8 NHWC images and the requested labels. ``bf16`` runs the network under autocast.
     ``guidance=None`` takes the model card's default weight (0 when it has none)."""
-    if guidance is None:
-        guidance = card_guidance(getattr(den, "metadata", {}))
+    guidance = card_guidance(getattr(den, "metadata", {}), guidance)
     num_classes = den.net.config.num_classes
     if classes is not None and not num_classes:
         raise UsageError(f"--classes: {source} is unconditional; drop --classes")
@@ -81,6 +80,7 @@ def sample_to_files(checkpoint: Path, out: Path, *, sampler: str, steps: int, sp
                     batch_size: int, device: str = "cpu", bf16: bool = False) -> tuple[Path, Path]:
     """Sample one image per seed and write ``grid.png`` and ``samples.npz`` (images, labels, seeds) to ``out``."""
     den = load_denoiser(checkpoint, device)
+    guidance = card_guidance(den.metadata, guidance)
     images, labels = draw_samples(den, sampler=sampler, steps=steps, seeds=seeds, classes=classes,
                                   guidance=guidance, spacing=spacing, eta=eta, batch_size=batch_size,
                                   device=device, bf16=bf16, source=str(checkpoint))
@@ -90,7 +90,7 @@ def sample_to_files(checkpoint: Path, out: Path, *, sampler: str, steps: int, sp
     if labels is not None:
         arrays["labels"] = labels.numpy()
     info = {"checkpoint": str(checkpoint), "sampler": sampler, "steps": steps, "spacing": spacing, "eta": eta,
-            "guidance": card_guidance(den.metadata) if guidance is None else guidance, "bf16": bf16}
+            "guidance": guidance, "bf16": bf16}
     arrays["info"] = np.array(json.dumps(info))
 
     def write_npz(tmp: str) -> None:

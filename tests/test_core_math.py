@@ -175,11 +175,11 @@ def test_timesteps_decrease_to_zero(spacing):
 
 
 def test_karras_grid_on_a_vp_schedule_starts_at_the_true_start_then_follows_edm():
-    from distill.samplers import SIGMA_MAX_VE, alpha_sigma_at
+    from distill.samplers import SIGMA_MAX_VE, sigma_ve_at
 
     cosine = CosineSchedule()
     ts = make_timesteps(cosine, 8, "karras")
-    sigmas = [s / a for a, s in (alpha_sigma_at(cosine, t) for t in ts)]
+    sigmas = [sigma_ve_at(cosine, t) for t in ts]
     assert ts[0] == 1.0 and sigmas[0] > 1e3  # pure noise there, unlike at sigma 80
     assert sigmas[1] == pytest.approx(SIGMA_MAX_VE, rel=1e-6)
     # Heun: Euler (no correction) from above sigma 80 and on the last step, corrections in between.
