@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.checkpoint import load_tensors, save_tensors
+from distill.checkpoint import atomic_write, load_tensors, save_tensors
 from distill.data import ImageDataset, load_dataset
 from distill.errors import UsageError
 
@@ -139,6 +139,7 @@ def train_classifier(data: ImageDataset, cfg: ClassifierConfig, progress: bool =
 
 
 def save_classifier(path: Path, model: DigitClassifier, report: dict) -> None:
+    # save_tensors writes atomically (temp file + rename), as checkpoints are.
     meta = {"format": FORMAT, "config": asdict(model.cfg), "report": report}
     save_tensors(path, {k: v.contiguous() for k, v in model.state_dict().items()}, meta)
 
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
                        params=sum(p.numel() for p in model.parameters()), command=command,
                        machine=f"{torch.get_num_threads()} CPU threads ({platform.processor() or platform.machine()})",
                        **asdict(cfg), **report)
-    (args.out / f"{data.name}-classifier.md").write_text(card)
+    atomic_write(args.out / f"{data.name}-classifier.md", lambda tmp: Path(tmp).write_text(card))
     print(json.dumps(report))
 
 

@@ -21,6 +21,7 @@ import torch
 
 from benchmarks.evaluate import load_images, write_json
 from benchmarks.metrics import frechet_distance, inception_extractor, real_split
+from distill.checkpoint import atomic_write
 from distill.data import load_dataset
 
 
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     lines += [f"| {k} | {v['n']} | {v['fid_helper']:.4f} | {p} | {v[p]['fid']:.4f} | "
               f"{v[p]['relative_difference']:.3%} |" for k, v in agreement.items() for p in ours]
     lines += ["", f"Reproduce: `{result['command']}`", ""]
-    args.out.with_suffix(".md").write_text("\n".join(lines))
+    atomic_write(args.out.with_suffix(".md"), lambda tmp: Path(tmp).write_text("\n".join(lines)))
     print(json.dumps(result["fid_agreement"]))
     return result
 

@@ -19,6 +19,7 @@ import click
 import pandas as pd
 import torch
 
+from distill.checkpoint import atomic_write
 from distill.oracles import GaussianDenoiser, example_gaussian, gaussian_flow_map
 from distill.samplers import DEFAULT_SPACING, PerSampleGenerator, generate, make_timesteps, nfe, prior_sample
 from distill.schedules import CosineSchedule, DiscreteSchedule, KarrasSchedule
@@ -60,8 +61,9 @@ def main(out: Path, n: int, n_ddpm: int, steps: str) -> None:
                 click.echo(json.dumps(rows[-1]))
     df = pd.DataFrame(rows)
     out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "sampler_exactness.csv", index=False)
-    (out / "sampler_exactness.json").write_text(json.dumps(rows, indent=1))
+    # Every result file is written atomically (temp file + rename): a kill never leaves a half-written one.
+    atomic_write(out / "sampler_exactness.csv", lambda tmp: df.to_csv(tmp, index=False))
+    atomic_write(out / "sampler_exactness.json", lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=1)))
     # Markdown: covariance error vs the exact flow (deterministic) or vs the truth (DDPM), per step count.
     lines = ["# Sampler exactness on Gaussian data (exact denoiser)", "",
              f"3-d Gaussian, {n} samples ({n_ddpm} for DDPM). Relative Frobenius error of the sample covariance: "
@@ -73,7 +75,7 @@ def main(out: Path, n: int, n_ddpm: int, steps: str) -> None:
     for (schedule, sampler), g in df.groupby(["schedule", "sampler"], sort=False):
         col = "cov_err_vs_true" if sampler == "ddpm" else "cov_err_vs_flow"
         lines.append(f"| {schedule} | {sampler} | " + " | ".join(f"{v:.2%}" for v in g[col]) + " |")
-    (out / "sampler_exactness.md").write_text("\n".join(lines) + "\n")
+    atomic_write(out / "sampler_exactness.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
     click.echo(f"wrote {out / 'sampler_exactness.md'}")
 
 

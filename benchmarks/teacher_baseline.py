@@ -3,16 +3,19 @@
     python -m benchmarks.teacher_baseline                       # the shipped mnist teacher, all settings
     python -m benchmarks.teacher_baseline --model runs/x --data digits --samples 200 --nfe 1,4,16
 
-Writes ``<out>.csv`` (one row per sampler x NFE; rows are appended as they finish, and a rerun skips the rows
-already there, so an interrupted run resumes), ``<out>.png`` (FD and FID against NFE, one line per sampler, with
-the real-vs-real floor) and ``<out>.md`` (the table and the floor). Heun costs ``2 * steps - 1`` evaluations,
-so its NFE budgets map to the largest step count that fits; a budget that buys no more than a smaller one is skipped.
+Writes ``<out>.csv`` (one row per sampler x NFE; the whole CSV is rewritten atomically after each row finishes,
+and a rerun skips the rows already there, so an interrupted run resumes), ``<out>.png`` (FD and FID against NFE,
+one line per sampler, with the real-vs-real floor) and ``<out>.md`` (the table and the floor). Heun costs
+``2 * steps - 1`` evaluations, so its NFE budgets map to the largest step count that fits; a budget that buys no
+more than a smaller one is skipped.
 With classifier-free guidance every evaluation is one batched conditional + unconditional forward pass.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv as csv_module
+import io
 import json
 import time
 from pathlib import Path
@@ -22,6 +25,7 @@ import torch
 
 from benchmarks.evaluate import evaluate, write_json
 from benchmarks.metrics import DEFAULT_METRICS, Quality, real_split
+from distill.checkpoint import atomic_write
 from distill.data import load_dataset
 from distill.parsing import parse_int_list
 
@@ -29,6 +33,45 @@ SAMPLERS = ("ddpm", "ddim", "heun", "dpmpp_2m")
 NFES = (1, 2, 4, 8, 16, 32, 64, 256)
 COLUMNS = ["sampler", "steps", "nfe", "guidance", "n_fake", "n_ref", "ref", "fd", "kid", "kid_std", "is", "is_std",
            "acc", "fid", "sample_seconds", "metric_seconds"]
+KEYS = ["sampler", "nfe", "guidance", "n_fake"]  # what identifies a finished row (see ``done`` in main)
+
+
+def read_rows(path: Path) -> pd.DataFrame:
+    """The finished rows of an earlier run, for resuming; an empty frame if there is none.
+
+    The CSV is written atomically, but one left by an older version (which wrote it in place) may end in a cut-off
+    line or hold malformed rows: those are dropped, with a note, and simply recomputed. A file that is not this
+    benchmark's CSV at all is an error rather than something to overwrite.
+    """
+    if not path.exists():
+        return pd.DataFrame(columns=COLUMNS)
+    lines = path.read_text().splitlines(keepends=True)
+    cut = int(bool(lines) and not lines[-1].endswith("\n"))
+    lines = lines[:len(lines) - cut]  # to_csv ends every row with a newline: a last line without one was cut off
+    rows = list(csv_module.reader(lines))
+    if not rows:
+        return pd.DataFrame(columns=COLUMNS)
+    header, body = rows[0], rows[1:]
+    missing = [k for k in KEYS if k not in header]
+    if missing:
+        raise SystemExit(f"{path}: not a teacher_baseline CSV (no column {', '.join(missing)}); "
+                         "move it away or pass another --out")
+    complete = [r for r in body if len(r) == len(header)]
+    buf = io.StringIO()
+    csv_module.writer(buf).writerows([header, *complete])
+    df = pd.read_csv(io.StringIO(buf.getvalue()))
+    for k in KEYS[1:]:
+        df[k] = pd.to_numeric(df[k], errors="coerce")
+    df = df.dropna(subset=KEYS).astype({"nfe": "int64", "n_fake": "int64"}).reset_index(drop=True)
+    dropped = cut + len(body) - len(df)
+    if dropped:
+        print(f"{path}: dropped {dropped} incomplete row(s); they will be recomputed", flush=True)
+    return df
+
+
+def write_rows(df: pd.DataFrame, path: Path) -> None:
+    """Rewrite the whole CSV atomically (temp file + rename): a kill never leaves a half-written row."""
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
 def floor(quality: Quality, n: int) -> dict:
@@ -59,7 +102,8 @@ def plot(df: pd.DataFrame, floor_row: dict, path: Path, title: str) -> None:
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    # format given explicitly: the temporary file's name does not end in .png
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -112,7 +156,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     guidance = card_guidance(den.metadata, args.guidance)
     quality = Quality(load_dataset(data_spec), ref="A", metrics=tuple(args.metrics.split(",")), progress=False)
     csv = args.out.with_suffix(".csv")
-    df = pd.read_csv(csv) if csv.exists() else pd.DataFrame(columns=COLUMNS)
+    df = read_rows(csv)
     done = {(r.sampler, int(r.nfe), float(r.guidance), int(r.n_fake)) for r in df.itertuples()}
     csv.parent.mkdir(parents=True, exist_ok=True)
     seeds = list(range(args.samples))
@@ -131,7 +175,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                          quality=quality, denoiser=den)
             row = {c: r.get(c, float("nan")) for c in COLUMNS}  # nan, as in a reread CSV
             df = pd.concat([df.dropna(axis=1, how="all"), pd.DataFrame([row])], ignore_index=True)
-            df.to_csv(csv, index=False)
+            write_rows(df, csv)
             print(json.dumps({k: row[k] for k in ("sampler", "nfe", "fd", "fid", "acc", "sample_seconds")
                               if k in row}), flush=True)
     df = df[(df["guidance"] == guidance) & (df["n_fake"] == args.samples)]
@@ -145,7 +189,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     write_json(args.out.with_suffix(".json"), {"meta": meta, "floor": floor_row, "rows": df.to_dict("records")})
     plot(df, floor_row, args.out.with_suffix(".png"), f"{args.model}: quality vs NFE (w = {guidance}, "
                                                      f"{args.samples} samples)")
-    args.out.with_suffix(".md").write_text(markdown(df, floor_row, meta))
+    text = markdown(df, floor_row, meta)
+    atomic_write(args.out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(text))
     print(f"wrote {csv}, {args.out.with_suffix('.png')}, {args.out.with_suffix('.md')}")
     return df
 

@@ -71,23 +71,60 @@ def load_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
 
 
 def save_model(path: Path, net: nn.Module, metadata: dict[str, Any]) -> None:
-    """Write the slim inference artifact: ``net``'s weights and the metadata that rebuilds its denoiser."""
-    save_tensors(path, net.state_dict(), {"format": MODEL_FORMAT, **metadata})
+    """Write the slim inference artifact: ``net``'s weights and the metadata that rebuilds its denoiser, after
+    checking that it loads back (:func:`validate_model`)."""
+    tensors, meta = net.state_dict(), {"format": MODEL_FORMAT, **metadata}
+    validate_model(tensors, meta, path)
+    save_tensors(path, tensors, meta)
+
+
+def non_finite(tensors: dict[str, Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or Inf."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def validate_model(tensors: dict[str, Tensor], meta: dict[str, Any], path: Path | str) -> None:
+    """What every command that writes a model checks first: a complete config that builds a denoiser, weights that
+    load into it, all finite, and a finite default guidance weight. Raises :class:`UsageError` naming ``path``."""
+    import math
+
+    if meta.get("format") != MODEL_FORMAT:
+        raise UsageError(f"{path}: not a distill model (format {meta.get('format')!r})")
+    bad = non_finite(tensors)
+    if bad:
+        raise UsageError(f"{path}: {len(bad)} weight tensors hold NaN or Inf (first: {bad[0]}); the run diverged: "
+                         "use an earlier checkpoint or retrain with a lower --lr")
+    guidance = (meta.get("card") or {}).get("guidance", 0.0)
+    if not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+        raise UsageError(f"{path}: the default guidance weight must be a finite number, got {guidance!r}")
+    den = build_denoiser(meta, str(path))
+    try:
+        den.net.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise UsageError(f"{path}: weights do not match its config ({str(e).splitlines()[0]})") from None
 
 
 def build_denoiser(meta: dict[str, Any], source: str = "checkpoint"):
-    """Rebuild an (untrained) denoiser from model metadata."""
+    """Rebuild an (untrained) denoiser from model metadata; incomplete metadata is a one-line UsageError."""
     from distill.denoiser import Denoiser
     from distill.models.unet import UNet, UNetConfig
     from distill.schedules import schedule_from_config
 
-    model, diffusion = meta.get("model", {}), meta.get("diffusion", {})
+    model, diffusion = meta.get("model"), meta.get("diffusion")
+    if not isinstance(model, dict) or not isinstance(diffusion, dict):
+        raise UsageError(f"{source}: incomplete metadata (no 'model' and 'diffusion' config); re-create the file "
+                         "with distill (teacher train / publish)")
     if model.get("arch") != "unet":
         raise UsageError(f"{source}: unknown architecture {model.get('arch')!r}; this build knows 'unet'")
-    cfg = UNetConfig.from_dict(model["config"])
-    null = cfg.num_classes if cfg.num_classes else None
-    return Denoiser(UNet(cfg), schedule_from_config(diffusion["schedule"]), diffusion["prediction"],
-                    diffusion["time_input"], null_label=null)
+    try:
+        cfg = UNetConfig.from_dict(model["config"])
+        null = cfg.num_classes if cfg.num_classes else None
+        return Denoiser(UNet(cfg), schedule_from_config(diffusion["schedule"]), diffusion["prediction"],
+                        diffusion["time_input"], null_label=null, guidance_input=cfg.guidance_embed)
+    except KeyError as e:
+        raise UsageError(f"{source}: incomplete metadata (missing {e}); re-create the file with distill") from None
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{source}: invalid model config ({e}); re-create the file with distill") from None
 
 
 SHIPPED_DIR = Path(__file__).parent / "weights"
@@ -124,11 +161,9 @@ def load_denoiser(path: Path | str, device: str = "cpu"):
     if meta.get("format") != MODEL_FORMAT:
         raise UsageError(f"{path}: not a distill model file (format {meta.get('format')!r}); "
                          "pass the model.safetensors of a run")
+    validate_model(tensors, meta, path)
     den = build_denoiser(meta, str(path))
-    try:
-        den.net.load_state_dict(tensors)
-    except RuntimeError as e:
-        raise UsageError(f"{path}: weights do not match its stored config ({str(e).splitlines()[0]})") from None
+    den.net.load_state_dict(tensors)
     den.metadata = meta
     return den.to(device).eval()
 

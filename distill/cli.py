@@ -212,11 +212,22 @@ def eval_(source, data_spec, ref, metric_list, sampler, steps, spacing, eta, gui
         click.echo(f"wrote {out}")
 
 
+def _interrupted(e: BaseException) -> None:
+    """Ctrl-C exits 130 (128 + SIGINT) and SIGTERM 143, after the command has saved what it checkpoints."""
+    code = getattr(e, "exit_code", 130)
+    click.echo("terminated" if code == 143 else "interrupted", err=True, nl=False)
+    click.echo(" (progress saved where the command checkpoints)", err=True)
+    sys.exit(code)
+
+
 def main() -> None:
     """Console entry point: user mistakes end with one line and their exit code, no traceback."""
     try:
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as e:
+        # click turns KeyboardInterrupt (and our SIGTERM handler's Terminated) into Abort.
+        if isinstance(e.__cause__, KeyboardInterrupt):
+            _interrupted(e.__cause__)
         click.echo("aborted", err=True)
         sys.exit(1)
     except click.ClickException as e:
@@ -225,9 +236,8 @@ def main() -> None:
     except DistillError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted (progress saved where the command checkpoints)", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        _interrupted(e)
 
 
 if __name__ == "__main__":

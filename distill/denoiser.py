@@ -1,7 +1,12 @@
 """The one model interface: ``denoise(x_t, t, cond) -> x0_hat`` in continuous time.
 
-:class:`Denoiser` adapts any network ``net(x, time_input, labels)`` that predicts eps, x0 or v under any
-time-input convention, and applies classifier-free guidance when ``cond.guidance`` is non-zero.
+:class:`Denoiser` adapts any network ``net(x, time_input, labels[, w])`` that predicts eps, x0 or v under any
+time-input convention, and applies classifier-free guidance: as two batched branches for a plain conditional
+network, or by passing ``w`` to a network that takes the guidance weight as an input (a guidance-distilled student).
+
+``Denoiser.forward`` is a pure tensor function: float32 time math (no float64), no Python branch on tensor values,
+no host sync, so it traces (``torch.onnx.export``, ``torch.export``) and compiles (``fullgraph=True``) unchanged.
+:class:`DenoiserGraph` is the same function with plain tensor inputs, the form that gets exported.
 """
 
 from __future__ import annotations
@@ -29,11 +34,18 @@ class Cond:
     """Conditioning: class labels (``None`` = unconditional) and the guidance weight ``w``.
 
     ``w`` follows Ho & Salimans (2022): ``eps~ = (1 + w) eps(x, c) - w eps(x, null)``; ``w = 0`` is no guidance.
-    It may be a float or a per-sample ``(B,)`` tensor.
+    It may be a float or a per-sample ``(B,)`` tensor. Whether guidance runs is decided from the Python value, never
+    from tensor contents (which would sync and break tracing): a float ``0.0`` runs one branch, any tensor runs the
+    guided path (a zero entry gives exactly the conditional output). The meaning is the same for a network that
+    takes ``w`` as an input: it is trained to give the guided output itself, in one evaluation.
     """
 
     labels: Tensor | None = None
     guidance: float | Tensor = 0.0
+
+    @property
+    def guided(self) -> bool:
+        return self.labels is not None and (isinstance(self.guidance, Tensor) or self.guidance != 0)
 
 
 def cfg_combine(cond_out: Tensor, uncond_out: Tensor, w: float | Tensor) -> Tensor:
@@ -47,7 +59,7 @@ def cfg_combine(cond_out: Tensor, uncond_out: Tensor, w: float | Tensor) -> Tens
 
 
 def time_input(schedule: Schedule, t: Tensor, convention: str) -> Tensor:
-    """Map continuous time to the network's time input."""
+    """Map continuous time to the network's time input (in ``t``'s dtype: float32 inside a denoiser)."""
     if convention == "t":
         return t
     if convention == "t1000":
@@ -63,15 +75,24 @@ def time_input(schedule: Schedule, t: Tensor, convention: str) -> Tensor:
     raise ValueError(f"unknown time input {convention!r}: use one of {', '.join(TIME_INPUTS)}")
 
 
+def batch_times(t: Tensor | float, x_t: Tensor) -> Tensor:
+    """``t`` (a float, a scalar or a ``(B,)`` tensor) as a float32 ``(B,)`` tensor on ``x_t``'s device."""
+    return torch.as_tensor(t, device=x_t.device).to(torch.float32).reshape(-1).expand(x_t.shape[0])
+
+
 class Denoiser(nn.Module):
     """Wraps a raw network as ``denoise(x_t, t, cond) -> x0_hat``.
 
     Args:
-        net: called as ``net(x_t, time_input, labels)``; may return a tensor or an object with ``.sample``.
-        schedule: the noise schedule the network was trained on.
+        net: called as ``net(x_t, time_input, labels)``, or ``net(x_t, time_input, labels, w)`` when
+            ``guidance_input``; may return a tensor or an object with ``.sample``.
+        schedule: the noise schedule the network was trained on (a submodule: its tables move with the model).
         prediction: what the network outputs: ``"eps"``, ``"x0"`` or ``"v"``.
-        time_input: the network's time convention, one of :data:`TIME_INPUTS`.
+        time_input: the network's time convention, one of :data:`TIME_INPUTS`; always passed in float32, whatever
+            the precision of the weights or of ``x_t`` (in bf16, ``1000 t`` would round to multiples of 4).
         null_label: the label index meaning "no class" (for classifier-free guidance), or ``None``.
+        guidance_input: the network takes the guidance weight ``w`` as a ``(B,)`` float32 input and gives the
+            guided prediction in one evaluation (a guidance-distilled student).
     """
 
     def __init__(
@@ -81,6 +102,7 @@ class Denoiser(nn.Module):
         prediction: str = "v",
         time_input: str = "t1000",
         null_label: int | None = None,
+        guidance_input: bool = False,
     ):
         super().__init__()
         if prediction not in PREDICTIONS:
@@ -89,39 +111,77 @@ class Denoiser(nn.Module):
             raise ValueError(f"unknown time input {time_input!r}: use one of {', '.join(TIME_INPUTS)}")
         self.net, self.schedule = net, schedule
         self.prediction, self.time_input, self.null_label = prediction, time_input, null_label
+        self.guidance_input = guidance_input
 
     def alpha_sigma(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-sample ``(alpha, sigma)`` broadcastable against ``like``."""
-        alpha, sigma = self.schedule.alpha_sigma(t.double())
+        """Per-sample ``(alpha, sigma)`` (computed in float32) broadcastable against ``like``, in its dtype."""
+        alpha, sigma = self.schedule.alpha_sigma(t.to(torch.float32))
         return append_dims(alpha.to(like), like.ndim), append_dims(sigma.to(like), like.ndim)
 
-    def raw(self, x_t: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
-        """The network's own output (its ``prediction`` type)."""
-        t_in = time_input(self.schedule, t.double(), self.time_input).to(x_t.dtype)
-        out = self.net(x_t, t_in, labels)
+    def raw(self, x_t: Tensor, t: Tensor, labels: Tensor | None, w: Tensor | None = None) -> Tensor:
+        """The network's own output (its ``prediction`` type); ``w`` only for a ``guidance_input`` network."""
+        t_in = time_input(self.schedule, t.to(torch.float32), self.time_input)
+        out = self.net(x_t, t_in, labels) if w is None else self.net(x_t, t_in, labels, w)
         out = out.sample if hasattr(out, "sample") else out
         return out.to(x_t.dtype)  # bf16 under autocast; the sampler's arithmetic stays in x_t's precision
 
-    def _x0(self, x_t: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
+    def _x0(self, x_t: Tensor, t: Tensor, labels: Tensor | None, w: Tensor | None = None) -> Tensor:
         alpha, sigma = self.alpha_sigma(t, x_t)
-        return to_x0(self.raw(x_t, t, labels), self.prediction, x_t, alpha, sigma)
+        return to_x0(self.raw(x_t, t, labels, w), self.prediction, x_t, alpha, sigma)
 
     def forward(self, x_t: Tensor, t: Tensor | float, cond: Cond | None = None) -> Tensor:
-        t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
-        cond = cond or Cond()
-        w = cond.guidance
-        guided = cond.labels is not None and (bool(torch.any(w != 0)) if isinstance(w, Tensor) else w != 0)
-        if not guided:
+        t = batch_times(t, x_t)
+        cond = cond if cond is not None else Cond()
+        if self.guidance_input:
+            # One evaluation: the network gives the guided output itself; no guidance without labels.
+            w = cond.guidance if cond.labels is not None else 0.0
+            w = torch.as_tensor(w, device=x_t.device).to(torch.float32).reshape(-1).expand(x_t.shape[0])
+            return self._x0(x_t, t, cond.labels, w)
+        if not cond.guided:
             return self._x0(x_t, t, cond.labels)
         if self.null_label is None:
             raise ValueError("classifier-free guidance needs a model trained with a null class")
         null = torch.full_like(cond.labels, self.null_label)
         x0 = self._x0(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond.labels, null]))
-        x0_cond, x0_uncond = x0.chunk(2)
-        return cfg_combine(x0_cond, x0_uncond, w)
+        n = x_t.shape[0]  # slices, not chunk(2): chunk's size arithmetic pins a symbolic batch when exported
+        return cfg_combine(x0[:n], x0[n:], cond.guidance)
 
     def eps(self, x_t: Tensor, t: Tensor | float, cond: Cond | None = None) -> Tensor:
         """The noise estimate implied by :meth:`forward`."""
-        t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
+        t = batch_times(t, x_t)
         alpha, sigma = self.alpha_sigma(t, x_t)
         return eps_from_x0(self(x_t, t, cond), x_t, alpha, sigma)
+
+
+class DenoiserGraph(nn.Module):
+    """A :class:`Denoiser` with plain tensor inputs, the form that is exported and compiled:
+    ``(x_t, t)``, ``(x_t, t, labels)`` or ``(x_t, t, labels, w)`` -> ``x0_hat``, with ``t`` and ``w`` float32
+    ``(B,)`` and ``labels`` int64 ``(B,)``. Which inputs exist is fixed at construction (static configuration):
+    ``guided`` adds ``w`` and runs classifier-free guidance (two batched branches, or one for a ``guidance_input``
+    network)."""
+
+    def __init__(self, denoiser: Denoiser, labels: bool, guided: bool = False):
+        super().__init__()
+        if guided and not labels:
+            raise ValueError("a guided graph needs labels")
+        self.denoiser, self.labels, self.guided = denoiser, labels, guided
+
+    @property
+    def input_names(self) -> list[str]:
+        return ["x_t", "t"] + ["labels"] * self.labels + ["w"] * self.guided
+
+    def example_inputs(self, batch: int, shape: tuple[int, ...], device="cpu") -> tuple[Tensor, ...]:
+        """Inputs of the right dtypes for tracing: noise, times in (0, 1), labels 0, 1, ... and w = 1."""
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn((batch, *shape), generator=g).to(device)
+        t = torch.linspace(0.05, 0.95, batch).to(device)
+        inputs = [x, t]
+        if self.labels:
+            inputs.append((torch.arange(batch) % max(1, self.denoiser.null_label or 1)).to(device))
+        if self.guided:
+            inputs.append(torch.linspace(0.0, 2.0, batch).to(device))
+        return tuple(inputs)
+
+    def forward(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None, w: Tensor | None = None) -> Tensor:
+        guidance = w if self.guided else 0.0
+        return self.denoiser(x_t, t, Cond(labels if self.labels else None, guidance))

@@ -15,7 +15,19 @@ class UsageError(DistillError):
     exit_code = 2
 
 
+class TrainingDiverged(DistillError):
+    """A non-finite loss or gradient: the run stops and keeps its last good checkpoint (exit code 1)."""
+
+    exit_code = 1
+
+
 class GateFailure(DistillError):
     """A CI quality or speed gate failed (exit code 3)."""
 
     exit_code = 3
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that a run saves exactly as on Ctrl-C (exit code 143 = 128 + 15)."""
+
+    exit_code = 143

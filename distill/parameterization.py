@@ -48,3 +48,14 @@ def eps_from_x0(x0: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor
 def append_dims(x: Tensor, ndim: int) -> Tensor:
     """Append trailing singleton dimensions so that a per-sample ``(B,)`` tensor broadcasts over images."""
     return x.reshape(x.shape + (1,) * (ndim - x.ndim))
+
+
+def consistency_scalings(sigma, sigma_min: float, sigma_data: float = 0.5):
+    """Boundary-condition scalings of a consistency model (Song et al. 2023, Appendix C):
+    ``f(x, sigma) = c_skip x + c_out F(c_in x, ...)`` with ``c_skip(sigma_min) = 1`` and ``c_out(sigma_min) = 0``
+    exactly, so ``f(x, sigma_min) = x``. ``sigma`` is the VE-equivalent noise level (``sigma / alpha`` of a VP
+    schedule), a float or a per-sample tensor; returns ``(c_skip, c_out, c_in)`` of the same kind."""
+    c_skip = sigma_data**2 / ((sigma - sigma_min) ** 2 + sigma_data**2)
+    c_out = (sigma - sigma_min) * sigma_data / (sigma**2 + sigma_data**2) ** 0.5
+    c_in = 1 / (sigma**2 + sigma_data**2) ** 0.5
+    return c_skip, c_out, c_in

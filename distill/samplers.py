@@ -1,20 +1,24 @@
 """Samplers of one signature, stateless, in continuous time.
 
-Every sampler is ``sample_*(denoise, x, ts, *, cond, generator, callback, progress) -> x0`` where ``denoise``
-is a :class:`~distill.denoiser.Denoiser` (anything with ``.schedule`` and ``__call__(x_t, t, cond) -> x0_hat``),
-``x`` the starting state at ``ts[0]`` and ``ts`` a decreasing 1-D tensor of times ending at 0. Time 0 is treated
+Every sampler is ``sample_*(denoise, x, ts, *, schedule, cond, generator, callback, progress) -> x0`` where
+``denoise`` is any callable ``denoise(x_t, t, cond) -> x0_hat`` (a :class:`~distill.denoiser.Denoiser`, an ONNX
+Runtime or TensorRT session behind the same call), ``schedule`` the noise schedule it was trained on (default:
+``denoise.schedule``, so a backend either passes one or carries a ``.schedule`` attribute), ``x`` the starting state
+at ``ts[0]`` and ``ts`` a decreasing 1-D tensor of times ending at 0. Time 0 is treated
 as clean data (``alpha = 1, sigma = 0``) whatever the schedule's clipping. Noise comes from a
 :class:`PerSampleGenerator`, so sample ``i`` depends only on its own seed, never on batch size or backend.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from distill.parameterization import append_dims
 from distill.schedules import Schedule, karras_sigmas
 
 # EDM's sigma range (Karras et al. 2022, Table 1), on the VE-equivalent noise level sigma / alpha: "karras" and
@@ -39,11 +43,18 @@ class PerSampleGenerator:
         return torch.stack(rows).to(device=device, dtype=dtype)
 
 
-def alpha_sigma_at(schedule: Schedule, t: Tensor) -> tuple[float, float]:
-    """``(alpha, sigma)`` at one sampler time, with ``t = 0`` mapped to clean data exactly."""
-    if float(t) <= 0.0:
-        return 1.0, 0.0
-    alpha, sigma = schedule.alpha_sigma(torch.as_tensor(t, dtype=torch.float64))
+def clean_alpha_sigma(schedule: Schedule, t: Tensor) -> tuple[Tensor, Tensor]:
+    """``(alpha, sigma)`` at sampler times (a float, or per-sample tensors in ``t``'s dtype), with ``t = 0`` mapped
+    to clean data exactly (``alpha = 1, sigma = 0``) whatever the schedule's clipping."""
+    t = torch.as_tensor(t, dtype=torch.float64) if not isinstance(t, Tensor) else t
+    alpha, sigma = schedule.alpha_sigma(t)
+    clean = t <= 0
+    return torch.where(clean, torch.ones_like(alpha), alpha), torch.where(clean, torch.zeros_like(sigma), sigma)
+
+
+def alpha_sigma_at(schedule: Schedule, t: Tensor | float) -> tuple[float, float]:
+    """:func:`clean_alpha_sigma` at one sampler time, as Python floats (float64 host-side arithmetic)."""
+    alpha, sigma = clean_alpha_sigma(schedule, torch.as_tensor(t, dtype=torch.float64))
     return float(alpha), float(sigma)
 
 
@@ -100,21 +111,67 @@ def make_timesteps(schedule: Schedule, steps: int, spacing: str = "uniform", t_m
     return torch.cat([inner, torch.zeros(1, dtype=torch.float64)])
 
 
-def ddim_step(x_t: Tensor, x0: Tensor, a_t: float, s_t: float, a_s: float, s_s: float, eta: float = 0.0,
-              noise: Tensor | None = None) -> Tensor:
+def _per_sample(v, like: Tensor):
+    """A float stays a float; a per-sample ``(B,)`` tensor broadcasts over ``like``'s image dimensions."""
+    return append_dims(v.to(like), like.ndim) if isinstance(v, Tensor) else v
+
+
+def _relu(v):
+    return v.clamp(min=0.0) if isinstance(v, Tensor) else max(v, 0.0)
+
+
+def ddim_step(x_t: Tensor, x0: Tensor, a_t, s_t, a_s, s_s, eta: float = 0.0, noise: Tensor | None = None) -> Tensor:
     """One DDIM step t -> s (Song et al. 2021, Eq. 12) in general (alpha, sigma) form.
 
-    ``eta`` scales the ancestral noise ``c^2 = eta^2 (s_s^2 / s_t^2) (s_t^2 - (a_t/a_s)^2 s_s^2)``;
-    ``eta = 1`` is exactly the DDPM posterior step q(x_s | x_t, x0) (Ho et al. 2020, Eq. 7).
+    ``a_t, s_t, a_s, s_s`` are floats or per-sample ``(B,)`` tensors. ``eta`` scales the ancestral noise
+    ``c^2 = eta^2 (s_s^2 / s_t^2) (s_t^2 - (a_t/a_s)^2 s_s^2)``; ``eta = 1`` is exactly the DDPM posterior step
+    q(x_s | x_t, x0) (Ho et al. 2020, Eq. 7). At ``eta = 0`` this is also the Euler step of the probability-flow ODE
+    on the VE-equivalent state ``x / alpha`` (Karras et al. 2022, Algorithm 1, line 5) with the x0-prediction.
     """
+    a_t, s_t, a_s, s_s = (_per_sample(v, x_t) for v in (a_t, s_t, a_s, s_s))
     eps = (x_t - a_t * x0) / s_t
-    c2 = 0.0
-    if eta > 0 and s_s > 0:
-        c2 = eta**2 * (s_s**2 / s_t**2) * max(s_t**2 - (a_t / a_s) ** 2 * s_s**2, 0.0)
-    x_s = a_s * x0 + max(s_s**2 - c2, 0.0) ** 0.5 * eps
-    if c2 > 0:
-        x_s = x_s + c2**0.5 * noise
-    return x_s
+    if eta == 0:
+        return a_s * x0 + s_s * eps
+    c2 = eta**2 * (s_s**2 / s_t**2) * _relu(s_t**2 - (a_t / a_s) ** 2 * s_s**2)
+    x_s = a_s * x0 + _relu(s_s**2 - c2) ** 0.5 * eps
+    if not isinstance(c2, Tensor) and c2 == 0:
+        return x_s  # the last step to clean data draws no noise
+    if noise is None:
+        raise ValueError("ddim_step with eta > 0 needs noise")
+    return x_s + c2**0.5 * noise
+
+
+def heun_step(x_t: Tensor, x0: Tensor, x_euler: Tensor, x0_euler: Tensor, a_t, s_t, a_s, s_s) -> Tensor:
+    """Heun's 2nd-order correction (Karras et al. 2022, Algorithm 1, lines 6-8) on the VE-equivalent state
+    ``x~ = x / alpha``, ``sigma~ = sigma / alpha``: ``x~_s = x~_t + (sigma~_s - sigma~_t) (d_t + d'_s) / 2`` with
+    ``d = (x~ - x0) / sigma~``, where ``x_euler`` is :func:`ddim_step`'s result and ``x0_euler`` the denoiser at it.
+    Floats or per-sample tensors; ``s_s`` must be > 0 (the last step to clean data is Euler only)."""
+    a_t, s_t, a_s, s_s = (_per_sample(v, x_t) for v in (a_t, s_t, a_s, s_s))
+    sig_t, sig_s = s_t / a_t, s_s / a_s
+    d_cur = (x_t / a_t - x0) / sig_t
+    d_next = (x_euler / a_s - x0_euler) / sig_s
+    return a_s * (x_t / a_t + (sig_s - sig_t) * 0.5 * (d_cur + d_next))
+
+
+def dpmpp_2m_step(x_t: Tensor, x0: Tensor, a_t, s_t, a_s, s_s, x0_prev: Tensor | None = None,
+                  h_prev=None) -> tuple[Tensor, object]:
+    """One DPM-Solver++(2M) step t -> s (Lu et al. 2022, Algorithm 2, data-prediction form); floats or per-sample
+    tensors. Returns ``(x_s, h)``; pass ``h`` and this step's ``x0`` as ``h_prev``/``x0_prev`` to the next step
+    (first order when they are ``None``). A step to ``sigma = 0`` returns ``x0`` (the limit h -> inf)."""
+    if not isinstance(s_s, Tensor) and s_s == 0:
+        return x0, None
+    a_t, s_t, a_s, s_s = (_per_sample(v, x_t) for v in (a_t, s_t, a_s, s_s))
+    tensors = isinstance(s_s, Tensor)
+    log, expm1 = (torch.log, torch.expm1) if tensors else (math.log, math.expm1)
+    h = log(a_s / s_s) - log(a_t / s_t)  # Lu et al.'s lambda is half our log-SNR: log(alpha / sigma)
+    d = x0
+    if x0_prev is not None:
+        r = h_prev / h
+        d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+    x_s = (s_s / s_t) * x_t - a_s * expm1(-h) * d
+    if tensors:
+        x_s = torch.where(s_s == 0, x0, x_s)
+    return x_s, h
 
 
 def _loop(ts: Tensor, progress: bool, desc: str):
@@ -134,13 +191,23 @@ def _t(ts: Tensor, i: int, x: Tensor) -> Tensor:
 Callback = Callable[[dict], None]
 
 
+def _schedule(denoise, schedule: Schedule | None) -> Schedule:
+    if schedule is not None:
+        return schedule
+    if getattr(denoise, "schedule", None) is None:
+        raise ValueError("pass schedule=...: the denoiser has no .schedule attribute")
+    return denoise.schedule
+
+
 @torch.no_grad()
-def sample_ddim(denoise, x: Tensor, ts: Tensor, *, cond=None, generator: PerSampleGenerator | None = None,
-                callback: Callback | None = None, progress: bool = False, eta: float = 0.0) -> Tensor:
+def sample_ddim(denoise, x: Tensor, ts: Tensor, *, schedule: Schedule | None = None, cond=None,
+                generator: PerSampleGenerator | None = None, callback: Callback | None = None,
+                progress: bool = False, eta: float = 0.0) -> Tensor:
     """DDIM (Song et al. 2021), deterministic at ``eta = 0``."""
+    schedule = _schedule(denoise, schedule)
     for i in _loop(ts, progress, "ddpm" if eta == 1 else "ddim"):
-        a_t, s_t = alpha_sigma_at(denoise.schedule, ts[i])
-        a_s, s_s = alpha_sigma_at(denoise.schedule, ts[i + 1])
+        a_t, s_t = alpha_sigma_at(schedule, ts[i])
+        a_s, s_s = alpha_sigma_at(schedule, ts[i + 1])
         x0 = denoise(x, _t(ts, i, x), cond)
         noise = _noise_like(x, generator) if eta > 0 and s_s > 0 else None
         x = ddim_step(x, x0, a_t, s_t, a_s, s_s, eta, noise)
@@ -150,11 +217,12 @@ def sample_ddim(denoise, x: Tensor, ts: Tensor, *, cond=None, generator: PerSamp
 
 
 @torch.no_grad()
-def sample_ddpm(denoise, x: Tensor, ts: Tensor, *, cond=None, generator: PerSampleGenerator | None = None,
-                callback: Callback | None = None, progress: bool = False) -> Tensor:
+def sample_ddpm(denoise, x: Tensor, ts: Tensor, *, schedule: Schedule | None = None, cond=None,
+                generator: PerSampleGenerator | None = None, callback: Callback | None = None,
+                progress: bool = False) -> Tensor:
     """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2), i.e. DDIM with ``eta = 1``."""
-    return sample_ddim(denoise, x, ts, cond=cond, generator=generator, callback=callback, progress=progress,
-                       eta=1.0)
+    return sample_ddim(denoise, x, ts, schedule=schedule, cond=cond, generator=generator, callback=callback,
+                       progress=progress, eta=1.0)
 
 
 def _heun_corrects(sigma_cur: float, sigma_next: float) -> bool:
@@ -164,63 +232,53 @@ def _heun_corrects(sigma_cur: float, sigma_next: float) -> bool:
     return sigma_next > 0 and sigma_cur <= SIGMA_MAX_VE * (1 + 1e-9)
 
 
-def _karras_ode(denoise, x: Tensor, ts: Tensor, cond, callback, progress, heun: bool) -> Tensor:
-    # Karras et al. (2022) Algorithms 1-2 on the VE-equivalent state x~ = x / alpha, sigma~ = sigma / alpha,
-    # where the probability-flow ODE is dx~/dsigma~ = (x~ - D(x~; sigma~)) / sigma~.
+def _karras_ode(denoise, x: Tensor, ts: Tensor, schedule, cond, callback, progress, heun: bool) -> Tensor:
+    # Karras et al. (2022) Algorithms 1-2 on the VE-equivalent state x~ = x / alpha, sigma~ = sigma / alpha, where
+    # the probability-flow ODE is dx~/dsigma~ = (x~ - D(x~; sigma~)) / sigma~; its Euler step is the DDIM step.
+    schedule = _schedule(denoise, schedule)
     for i in _loop(ts, progress, "heun" if heun else "euler"):
-        a_cur, s_cur = alpha_sigma_at(denoise.schedule, ts[i])
-        a_next, s_next = alpha_sigma_at(denoise.schedule, ts[i + 1])
-        t_hat, t_next = s_cur / a_cur, s_next / a_next
+        a_cur, s_cur = alpha_sigma_at(schedule, ts[i])
+        a_next, s_next = alpha_sigma_at(schedule, ts[i + 1])
         x0 = denoise(x, _t(ts, i, x), cond)
-        x_hat = x / a_cur
-        d_cur = (x_hat - x0) / t_hat
-        x_next = x_hat + (t_next - t_hat) * d_cur  # Euler step (Algorithm 1, line 5)
-        if heun and _heun_corrects(t_hat, t_next):
-            # 2nd-order correction (Algorithm 1, lines 6-8).
-            x0_next = denoise(a_next * x_next, _t(ts, i + 1, x), cond)
-            d_prime = (x_next - x0_next) / t_next
-            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
-        x = a_next * x_next
+        x_next = ddim_step(x, x0, a_cur, s_cur, a_next, s_next)
+        if heun and _heun_corrects(s_cur / a_cur, s_next / a_next):
+            x0_next = denoise(x_next, _t(ts, i + 1, x), cond)
+            x_next = heun_step(x, x0, x_next, x0_next, a_cur, s_cur, a_next, s_next)
+        x = x_next
         if callback is not None:
             callback({"i": i, "t": ts[i], "x": x, "denoised": x0})
     return x
 
 
 @torch.no_grad()
-def sample_euler(denoise, x: Tensor, ts: Tensor, *, cond=None, generator: PerSampleGenerator | None = None,
-                 callback: Callback | None = None, progress: bool = False) -> Tensor:
+def sample_euler(denoise, x: Tensor, ts: Tensor, *, schedule: Schedule | None = None, cond=None,
+                 generator: PerSampleGenerator | None = None, callback: Callback | None = None,
+                 progress: bool = False) -> Tensor:
     """Euler steps on the probability-flow ODE (Karras et al. 2022, Algorithm 1 without correction)."""
-    return _karras_ode(denoise, x, ts, cond, callback, progress, heun=False)
+    return _karras_ode(denoise, x, ts, schedule, cond, callback, progress, heun=False)
 
 
 @torch.no_grad()
-def sample_heun(denoise, x: Tensor, ts: Tensor, *, cond=None, generator: PerSampleGenerator | None = None,
-                callback: Callback | None = None, progress: bool = False) -> Tensor:
+def sample_heun(denoise, x: Tensor, ts: Tensor, *, schedule: Schedule | None = None, cond=None,
+                generator: PerSampleGenerator | None = None, callback: Callback | None = None,
+                progress: bool = False) -> Tensor:
     """Algorithm 1 (deterministic Heun steps) from Karras et al. (2022); Euler on the last step to sigma = 0."""
-    return _karras_ode(denoise, x, ts, cond, callback, progress, heun=True)
+    return _karras_ode(denoise, x, ts, schedule, cond, callback, progress, heun=True)
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(denoise, x: Tensor, ts: Tensor, *, cond=None, generator: PerSampleGenerator | None = None,
-                    callback: Callback | None = None, progress: bool = False) -> Tensor:
+def sample_dpmpp_2m(denoise, x: Tensor, ts: Tensor, *, schedule: Schedule | None = None, cond=None,
+                    generator: PerSampleGenerator | None = None, callback: Callback | None = None,
+                    progress: bool = False) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), multistep data-prediction form."""
+    schedule = _schedule(denoise, schedule)
     x0_prev, h_prev = None, None
     for i in _loop(ts, progress, "dpmpp_2m"):
-        a_t, s_t = alpha_sigma_at(denoise.schedule, ts[i])
-        a_s, s_s = alpha_sigma_at(denoise.schedule, ts[i + 1])
+        a_t, s_t = alpha_sigma_at(schedule, ts[i])
+        a_s, s_s = alpha_sigma_at(schedule, ts[i + 1])
         x0 = denoise(x, _t(ts, i, x), cond)
-        if s_s == 0:
-            x = x0  # the limit h -> inf of the first-order update
-        else:
-            # Lu et al.'s lambda is half our log-SNR: log(alpha / sigma).
-            h = torch.log(torch.tensor(a_s / s_s)) - torch.log(torch.tensor(a_t / s_t))
-            if x0_prev is None:
-                d = x0
-            else:
-                r = h_prev / h
-                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-            x = (s_s / s_t) * x - a_s * float(torch.expm1(-h)) * d
-            x0_prev, h_prev = x0, h
+        x, h_prev = dpmpp_2m_step(x, x0, a_t, s_t, a_s, s_s, x0_prev, h_prev)
+        x0_prev = x0
         if callback is not None:
             callback({"i": i, "t": ts[i], "x": x, "denoised": x0})
     return x
@@ -258,12 +316,16 @@ def steps_for_nfe(sampler: str, evaluations: int, schedule: Schedule, spacing: s
 
 def generate(denoise, shape: Sequence[int], seeds: Sequence[int], *, sampler: str = "ddim", steps: int = 50,
              spacing: str | None = None, cond=None, device="cpu", dtype=torch.float32, progress: bool = False,
-             eta: float | None = None) -> Tensor:
+             eta: float | None = None, schedule: Schedule | None = None) -> Tensor:
     """Draw one sample per seed: prior noise, timesteps, sampler; the common path of CLI and benchmarks."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
+    if eta is not None and sampler != "ddim":
+        raise ValueError(f"eta is a DDIM setting; sampler {sampler!r} does not take it")
+    schedule = _schedule(denoise, schedule)
     generator = PerSampleGenerator(seeds)
-    ts = make_timesteps(denoise.schedule, steps, spacing or DEFAULT_SPACING[sampler])
-    x = prior_sample(denoise.schedule, generator, shape, float(ts[0]), device=device, dtype=dtype)
-    kwargs = {"eta": eta} if eta is not None and sampler == "ddim" else {}
-    return SAMPLERS[sampler](denoise, x, ts, cond=cond, generator=generator, progress=progress, **kwargs)
+    ts = make_timesteps(schedule, steps, spacing or DEFAULT_SPACING[sampler])
+    x = prior_sample(schedule, generator, shape, float(ts[0]), device=device, dtype=dtype)
+    kwargs = {"eta": eta} if eta is not None else {}
+    return SAMPLERS[sampler](denoise, x, ts, schedule=schedule, cond=cond, generator=generator, progress=progress,
+                             **kwargs)

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 # Cosine-schedule clipping of the log-SNR (Salimans & Ho 2022, `diffusion_distillation/schedules.py`).
 LOGSNR_MIN, LOGSNR_MAX = -20.0, 20.0
@@ -33,7 +32,8 @@ def karras_u(sigma: Tensor, sigma_min: float, sigma_max: float, rho: float) -> T
 
 
 def interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
-    """Piecewise-linear interpolation (``numpy.interp``) for increasing ``xp``, clamped at the ends."""
+    """Piecewise-linear interpolation (``numpy.interp``) for increasing ``xp``, clamped at the ends (host-side:
+    it searches, so traced code uses index arithmetic on evenly spaced knots instead)."""
     xp, fp = xp.to(x), fp.to(x)
     x_c = x.clamp(xp[0], xp[-1])
     i = torch.searchsorted(xp, x_c.detach().contiguous(), right=True).clamp(1, len(xp) - 1)
@@ -41,12 +41,17 @@ def interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
     return f0 + (x_c - x0) * (f1 - f0) / (x1 - x0)
 
 
-@dataclass
-class Schedule(ABC):
-    """Base class: subclasses define :meth:`logsnr` and :meth:`t_of_logsnr`; the rest follows."""
+class Schedule(nn.Module, ABC):
+    """Base class: subclasses define :meth:`logsnr` and :meth:`t_of_logsnr`; the rest follows.
+
+    A schedule is a module so that its tables (buffers) live on the model's device, but it holds no parameters.
+    Its math runs in the dtype of ``t``: float32 inside a denoiser (what gets traced and exported: no float64),
+    float64 in samplers and tests. Tables stay float32 whatever the model is cast to (see :meth:`_apply`).
+    """
 
     name: ClassVar[str] = ""
     variance: ClassVar[str] = "vp"  # "vp" (alpha^2 + sigma^2 = 1) or "ve" (alpha = 1)
+    params: ClassVar[tuple[str, ...]] = ()  # the constructor arguments, in order: what config() records
 
     @abstractmethod
     def logsnr(self, t: Tensor) -> Tensor:
@@ -54,7 +59,10 @@ class Schedule(ABC):
 
     @abstractmethod
     def t_of_logsnr(self, lam: Tensor) -> Tensor:
-        """Inverse of :meth:`logsnr`."""
+        """Inverse of :meth:`logsnr` (host-side: used to build sampler grids, not inside a denoiser)."""
+
+    def forward(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        return self.alpha_sigma(t)
 
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """``(alpha_t, sigma_t)`` from the log-SNR."""
@@ -69,29 +77,46 @@ class Schedule(ABC):
         return self.t_of_logsnr(-2.0 * torch.log(sigma_ve))
 
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, **asdict(self)}
+        return {"name": self.name, **{k: getattr(self, k) for k in self.params}}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={getattr(self, k)!r}" for k in self.params)
+
+    def _apply(self, fn, recurse: bool = True):
+        # Tables follow the model between devices, but a cast of the model (.half(), .to(bfloat16)) must not
+        # round them: the time math stays float32. fn is applied to one element only to learn the target device.
+        for key, buf in self._buffers.items():
+            if buf is not None:
+                self._buffers[key] = buf.to(fn(buf[:1]).device)
+        return self
 
 
-@dataclass
 class CosineSchedule(Schedule):
-    """Cosine VP schedule in log-SNR: ``lambda(t) = -2 log tan(a t + b)``, clipped (Salimans & Ho 2022)."""
+    """Cosine VP schedule in log-SNR: ``lambda(t) = -2 log tan(a t + b)``, clipped (Salimans & Ho 2022).
+
+    With ``theta = a t + b``, ``alpha = cos(theta)`` and ``sigma = sin(theta)``; alpha is computed as
+    ``sin(a (1 - t) + c)`` with ``c = pi/2 - a - b`` so that both ends keep full float32 precision.
+    """
 
     name: ClassVar[str] = "cosine"
-    logsnr_min: float = LOGSNR_MIN
-    logsnr_max: float = LOGSNR_MAX
+    params: ClassVar[tuple[str, ...]] = ("logsnr_min", "logsnr_max")
 
-    def _ab(self) -> tuple[float, float]:
-        b = math.atan(math.exp(-0.5 * self.logsnr_max))
-        a = math.atan(math.exp(-0.5 * self.logsnr_min)) - b
-        return a, b
+    def __init__(self, logsnr_min: float = LOGSNR_MIN, logsnr_max: float = LOGSNR_MAX):
+        super().__init__()
+        self.logsnr_min, self.logsnr_max = float(logsnr_min), float(logsnr_max)
+        self._b = math.atan(math.exp(-0.5 * self.logsnr_max))
+        self._a = math.atan(math.exp(-0.5 * self.logsnr_min)) - self._b
+        self._c = math.pi / 2 - self._a - self._b
+
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.sin(self._a * (1.0 - t) + self._c), torch.sin(self._a * t + self._b)
 
     def logsnr(self, t: Tensor) -> Tensor:
-        a, b = self._ab()
-        return -2.0 * torch.log(torch.tan(a * t + b))
+        alpha, sigma = self.alpha_sigma(t)
+        return 2.0 * (torch.log(alpha) - torch.log(sigma))
 
     def t_of_logsnr(self, lam: Tensor) -> Tensor:
-        a, b = self._ab()
-        return (torch.atan(torch.exp(-0.5 * lam)) - b) / a
+        return (torch.atan(torch.exp(-0.5 * lam)) - self._b) / self._a
 
 
 def ddpm_betas(kind: str, num_steps: int, beta_start: float, beta_end: float) -> Tensor:
@@ -110,44 +135,46 @@ def ddpm_betas(kind: str, num_steps: int, beta_start: float, beta_end: float) ->
     raise ValueError(f"unknown beta schedule {kind!r}: use linear, scaled_linear or squaredcos_cap_v2")
 
 
-@dataclass
 class DiscreteSchedule(Schedule):
     """A DDPM beta table made continuous by interpolating its log-SNR linearly in time.
 
     Discrete index ``i`` (0-based, as diffusers counts) sits at ``t = (i + 1) / T``; ``t = 0`` is clean data,
-    whose log-SNR we clip to ``LOGSNR_MAX`` so that the table stays finite and monotone.
+    whose log-SNR we clip to ``LOGSNR_MAX`` so that the table stays finite and monotone. The knots are evenly
+    spaced in t, so a lookup is index arithmetic (``floor(t T)``), not a search: it traces and exports.
     """
 
     name: ClassVar[str] = "discrete"
-    beta_schedule: str = "linear"
-    num_train_timesteps: int = 1000
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-    _table: tuple[Tensor, Tensor] | None = field(default=None, init=False, repr=False, compare=False)
+    params: ClassVar[tuple[str, ...]] = ("beta_schedule", "num_train_timesteps", "beta_start", "beta_end")
 
-    def config(self) -> dict[str, Any]:
-        cfg = super().config()
-        cfg.pop("_table")
-        return cfg
+    def __init__(self, beta_schedule: str = "linear", num_train_timesteps: int = 1000, beta_start: float = 1e-4,
+                 beta_end: float = 0.02):
+        super().__init__()
+        self.beta_schedule, self.num_train_timesteps = beta_schedule, int(num_train_timesteps)
+        self.beta_start, self.beta_end = float(beta_start), float(beta_end)
+        ac = self.alphas_cumprod()
+        lam = torch.log(ac) - torch.log1p(-ac)
+        lam = torch.cat([torch.tensor([max(LOGSNR_MAX, float(lam[0]) + 1.0)], dtype=torch.float64), lam])
+        self._logsnr64 = lam  # host-side float64 copy, for samplers and tests
+        self.register_buffer("logsnr_table", lam.float(), persistent=False)
 
     def alphas_cumprod(self) -> Tensor:
         betas = ddpm_betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end)
         return torch.cumprod(1.0 - betas, dim=0)
 
     def table(self) -> tuple[Tensor, Tensor]:
-        """Knots ``(t, lambda)``, increasing in t."""
-        if self._table is None:
-            ac = self.alphas_cumprod()
-            lam = torch.log(ac) - torch.log1p(-ac)
-            T = self.num_train_timesteps
-            ts = torch.arange(0, T + 1, dtype=torch.float64) / T
-            lam = torch.cat([torch.tensor([max(LOGSNR_MAX, float(lam[0]) + 1.0)], dtype=torch.float64), lam])
-            self._table = (ts, lam)
-        return self._table
+        """Knots ``(t, lambda)`` in float64, increasing in t."""
+        T = self.num_train_timesteps
+        return torch.arange(0, T + 1, dtype=torch.float64) / T, self._logsnr64
 
     def logsnr(self, t: Tensor) -> Tensor:
-        ts, lam = self.table()
-        return interp(t, ts, lam)
+        T = self.num_train_timesteps
+        table = self._logsnr64.to(t.device) if t.dtype == torch.float64 else self.logsnr_table
+        pos = (t * T).clamp(0, T)
+        k = pos.floor().clamp(max=T - 1)
+        frac = pos - k
+        k = k.long()
+        lo, hi = table[k], table[k + 1]
+        return lo + frac * (hi - lo)
 
     def t_of_logsnr(self, lam: Tensor) -> Tensor:
         ts, lams = self.table()
@@ -158,7 +185,6 @@ class DiscreteSchedule(Schedule):
         return t * self.num_train_timesteps - 1.0
 
 
-@dataclass
 class KarrasSchedule(Schedule):
     """EDM / Karras VE schedule (alpha = 1); time runs along the rho-warped sigma grid of Karras Eq. 5.
 
@@ -167,13 +193,19 @@ class KarrasSchedule(Schedule):
 
     name: ClassVar[str] = "karras"
     variance: ClassVar[str] = "ve"
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    rho: float = 7.0
-    sigma_data: float = 0.5
+    params: ClassVar[tuple[str, ...]] = ("sigma_min", "sigma_max", "rho", "sigma_data")
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, sigma_data: float = 0.5):
+        super().__init__()
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self.rho, self.sigma_data = float(rho), float(sigma_data)
 
     def sigma(self, t: Tensor) -> Tensor:
         return karras_sigmas(1.0 - t, self.sigma_min, self.sigma_max, self.rho)
+
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        sigma = self.sigma(t)
+        return torch.ones_like(sigma), sigma
 
     def logsnr(self, t: Tensor) -> Tensor:
         return -2.0 * torch.log(self.sigma(t))

@@ -11,7 +11,7 @@ from distill.errors import UsageError
 from distill.models.unet import UNetConfig
 from distill.parsing import parse_int_list
 from distill.schedules import CosineSchedule, DiscreteSchedule, Schedule
-from distill.training import STATE_FILE, TrainConfig, Trainer
+from distill.training import TrainConfig, Trainer
 
 # diffusers' defaults for each DDPM beta table (start, end).
 BETA_RANGES = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012), "squaredcos_cap_v2": (1e-4, 0.02)}
@@ -81,21 +81,13 @@ def train_teacher(run: TeacherRun, out: Path, *, resume: bool = False, command: 
     from distill.losses import DiffusionLoss
     from distill.models.unet import UNet
 
-    out = Path(out)
-    state = out / STATE_FILE
-    if state.exists() and not resume:
-        raise UsageError(f"{out}: already holds a training run; pass --resume to continue it or choose another --out")
-    if resume and not state.exists():
-        raise UsageError(f"{state}: nothing to resume; drop --resume to start a new run")
     torch.manual_seed(run.train.seed)  # the initial weights are part of the run's reproducibility
     net = UNet(run.unet)
     null = run.unet.num_classes or None
     model = Denoiser(net, run.schedule, run.prediction, "t1000", null_label=null)
     meta = {**run.metadata(), "command": command}
-    trainer = Trainer(model, DiffusionLoss(run.label_dropout), run.data, run.train, out, meta)
-    if resume:
-        trainer.resume()
-    trainer.fit(progress=progress)
+    trainer = Trainer(model, DiffusionLoss(run.label_dropout), run.data, run.train, Path(out), meta)
+    trainer.run(resume=resume, progress=progress)
     return trainer
 
 

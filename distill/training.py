@@ -1,16 +1,26 @@
-"""The generic training loop: AdamW with warmup, gradient clipping, EMA, optional bf16 autocast, accelerate
-for several devices, atomic safetensors checkpoints, exact resume, a progress bar and ``metrics.jsonl``.
+"""The generic training loop: AdamW with warmup, gradient clipping, an optional EMA, optional bf16 autocast,
+accelerate for several devices, atomic safetensors checkpoints, exact resume, a progress bar and ``metrics.jsonl``.
 
-It trains whatever :class:`~distill.denoiser.Denoiser` it is given against whatever loss object it is given.
-Every random draw of step ``k`` (batch order, noise, dropout) is seeded from ``(seed, k)``, so a resumed run
-continues exactly as an uninterrupted one would.
+It trains whatever :class:`~distill.denoiser.Denoiser` it is given against whatever loss object it is given
+(:class:`~distill.losses.Loss`; the loss's own state is checkpointed with the run). The batch order of step ``k``
+is seeded from ``(seed, k)`` and every other random draw (noise, timesteps, label dropout, dropout) from
+``(seed, k, rank)``, so a resumed run continues exactly as an uninterrupted one would and each process of a
+data-parallel run draws its own noise.
+
+Failing safely: a NaN or Inf loss or gradient stops the run (exit 1) before the optimizer step, keeping the last
+good checkpoint; one run at a time holds the run directory's lock; Ctrl-C and SIGTERM stop at the end of the
+current step, after a checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +32,7 @@ from distill.checkpoint import (
     STATE_FORMAT,
     atomic_write,
     load_tensors,
+    non_finite,
     optimizer_from_tensors,
     optimizer_to_tensors,
     save_model,
@@ -29,7 +40,8 @@ from distill.checkpoint import (
 )
 from distill.data import ImageDataset
 from distill.denoiser import Denoiser
-from distill.errors import UsageError
+from distill.errors import Terminated, TrainingDiverged, UsageError
+from distill.rundir import remove_stale_temp_files, run_lock
 
 MODEL_FILE, STATE_FILE, METRICS_FILE = "model.safetensors", "train_state.safetensors", "metrics.jsonl"
 
@@ -46,7 +58,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # 0 = no EMA: the model file holds the trained weights themselves
     bf16: bool = False  # bf16 autocast (CPU or GPU)
     seed: int = 0
     ckpt_every: int = 500
@@ -62,6 +74,7 @@ class TrainConfig:
             (0.0 <= self.ema_decay < 1.0, "--ema-decay must be in [0, 1)"),
             (self.grad_clip >= 0, "--grad-clip must be >= 0 (0 disables clipping)"),
             (self.ckpt_every >= 1, "--ckpt-every must be >= 1"),
+            (self.log_every >= 1, "--log-every must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -109,8 +122,9 @@ def ema_with_warmup(decay: float):
     return update
 
 
-def step_seed(seed: int, step: int) -> int:
-    return (seed * 1_000_003 + step) % (2**63 - 1)
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The seed of step ``step`` on process ``rank``; rank 0 keeps the single-process stream."""
+    return (seed * 1_000_003 + step + rank * 2**40) % (2**63 - 1)
 
 
 class Trainer:
@@ -118,9 +132,11 @@ class Trainer:
 
     Args:
         model: the denoiser being trained (its ``net`` is what gets optimized and saved).
-        loss: a loss object ``loss(model, x0, labels, generator) -> per-sample loss``.
+        loss: a loss object ``loss(model, x0, labels, generator) -> per-sample loss``, usually a
+            :class:`~distill.losses.Loss` whose state is saved with the run and whose ``update`` runs after
+            each optimizer step.
         data: the training images.
-        cfg: optimization settings.
+        cfg: optimization settings (``cfg.ema_decay = 0``: no EMA).
         out: run directory for ``model.safetensors``, ``train_state.safetensors`` and ``metrics.jsonl``.
         metadata: written into both checkpoint files (model and diffusion config, data, method, command).
     """
@@ -134,33 +150,56 @@ class Trainer:
         # accelerate keeps one process-wide state; a second Trainer in the same process (a recipe's next stage,
         # a test) may want another mixed precision, so start from a fresh one (the distributed setup is kept).
         AcceleratorState._reset_state(reset_partial_state=False)
-        self.cfg, self.loss, self.data, self.out = cfg, loss, data, Path(out)
+        self.cfg, self.data, self.out = cfg, data, Path(out)
         self.metadata = {**metadata, "train": asdict(cfg), "data": data.describe()}
         self.accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no",
                                        cpu=not torch.cuda.is_available())
         self.model = model
+        self.loss = loss.to(self.accelerator.device) if isinstance(loss, torch.nn.Module) else loss
         params = [p for p in model.net.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.net, self.optimizer = self.accelerator.prepare(model.net, self.optimizer)
         model.net = self.net  # the loss calls the prepared (possibly DDP-wrapped) network through the denoiser
-        self.ema = torch.optim.swa_utils.AveragedModel(
-            self.accelerator.unwrap_model(self.net), multi_avg_fn=ema_with_warmup(cfg.ema_decay), use_buffers=True)
+        self.ema = None
+        if cfg.ema_decay > 0:
+            self.ema = torch.optim.swa_utils.AveragedModel(
+                self.accelerator.unwrap_model(self.net), multi_avg_fn=ema_with_warmup(cfg.ema_decay),
+                use_buffers=True)
         self.step = 0
+        self.saved_step: int | None = None  # the step of the last checkpoint on disk
+        self._stop: int | None = None  # a signal received during fit()
 
     # -- checkpoints -------------------------------------------------------------------------------------
 
+    def inference_net(self) -> torch.nn.Module:
+        """What ``model.safetensors`` holds: the EMA when there is one, else the trained network."""
+        return self.ema.module if self.ema is not None else self.accelerator.unwrap_model(self.net)
+
     def save(self) -> None:
-        """Write the training state, then the slim EMA model, each atomically."""
+        """Write the training state, then the slim model, each atomically; refuse non-finite weights."""
         if not self.accelerator.is_main_process:
             return
         net = self.accelerator.unwrap_model(self.net)
         tensors = {f"net.{k}": v for k, v in net.state_dict().items()}
-        tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
+        if self.ema is not None:
+            tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
+        if hasattr(self.loss, "state_tensors"):
+            tensors.update({f"loss.{k}": v for k, v in self.loss.state_tensors().items()})
         opt_tensors, groups = optimizer_to_tensors(self.optimizer)
         tensors.update(opt_tensors)
+        bad = non_finite(tensors)
+        if bad:
+            raise TrainingDiverged(f"step {self.step}: {bad[0]} holds NaN or Inf; {self._kept()}")
         meta = {**self.metadata, "format": STATE_FORMAT, "step": self.step, "optimizer_param_groups": groups}
         save_tensors(self.out / STATE_FILE, tensors, meta)
-        save_model(self.out / MODEL_FILE, self.ema.module, {**self.metadata, "step": self.step})
+        save_model(self.out / MODEL_FILE, self.inference_net(), {**self.metadata, "step": self.step})
+        self.saved_step = self.step
+
+    def _kept(self) -> str:
+        if self.saved_step is None:
+            return f"nothing was saved in {self.out}; restart with a lower --lr"
+        return (f"kept the last good checkpoint (step {self.saved_step}) in {self.out}; resume it with a lower --lr "
+                "or restart")
 
     def resume(self) -> None:
         path = self.out / STATE_FILE
@@ -172,29 +211,43 @@ class Trainer:
             if meta.get(key) != stored_as.get(key):
                 raise UsageError(f"{path}: was trained with a different {key} config; resume with the same "
                                  "options or choose another --out")
+        if (self.ema is None) != (not any(k.startswith("ema.") for k in tensors)):
+            raise UsageError(f"{path}: was trained {'without' if self.ema is not None else 'with'} an EMA; resume "
+                             "with the same --ema-decay setting or choose another --out")
         net = self.accelerator.unwrap_model(self.net)
         net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
-        self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        if self.ema is not None:
+            self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        if hasattr(self.loss, "load_state_tensors"):
+            self.loss.load_state_tensors({k[5:]: v for k, v in tensors.items() if k.startswith("loss.")}, str(path))
         optimizer_from_tensors(self.optimizer, tensors, meta["optimizer_param_groups"])
-        self.step = int(meta["step"])
+        self.step = self.saved_step = int(meta["step"])
         self._truncate_metrics()
 
     def _truncate_metrics(self) -> None:
-        """Drop log lines past the resumed step, so metrics.jsonl reads as one uninterrupted run."""
+        """Drop log lines past the resumed step (and a line a killed write cut short), so metrics.jsonl reads as
+        one uninterrupted run."""
         path = self.out / METRICS_FILE
         if not path.exists():
             return
-        keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= self.step]
+        keep = []
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= self.step:
+                keep.append(line)
         atomic_write(path, lambda tmp: Path(tmp).write_text("".join(ln + "\n" for ln in keep)))
 
     # -- the loop ----------------------------------------------------------------------------------------
 
     def train_step(self) -> dict[str, float]:
         cfg, acc = self.cfg, self.accelerator
-        seed = step_seed(cfg.seed, self.step)
+        seed = step_seed(cfg.seed, self.step, acc.process_index)
         torch.manual_seed(seed)  # dropout and anything else drawing from the global RNG
         generator = torch.Generator().manual_seed(seed)
-        idx = batch_indices(len(self.data), cfg.batch_size, self.step, cfg.seed)
+        idx = batch_indices(len(self.data), cfg.batch_size, self.step, cfg.seed)  # the global batch, all ranks
         idx = idx[acc.process_index::acc.num_processes]  # each process takes its shard of the global batch
         x0 = self.data.images[idx].to(acc.device)
         labels = self.data.labels[idx].to(acc.device) if self.data.labels is not None else None
@@ -206,21 +259,58 @@ class Trainer:
             loss = self.loss(self.model, x0, labels, generator).mean()
         self.optimizer.zero_grad(set_to_none=True)
         acc.backward(loss)
-        grad_norm = acc.clip_grad_norm_(self.net.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        grad_norm = float(acc.clip_grad_norm_(self.net.parameters(),
+                                              cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
+        loss_value = float(loss.detach())
+        # The gradient norm is all-reduced, so every process takes this branch at the same step.
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            raise TrainingDiverged(f"step {self.step + 1}: the loss is {loss_value:g} (gradient norm {grad_norm:g}),"
+                                   f" the run diverged; {self._kept()}")
         self.optimizer.step()
-        self.ema.update_parameters(acc.unwrap_model(self.net))
+        if self.ema is not None:
+            self.ema.update_parameters(acc.unwrap_model(self.net))
         self.step += 1
-        return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "lr": lr}
+        if hasattr(self.loss, "update"):
+            self.loss.update(acc.unwrap_model(self.net), self.step)
+        return {"loss": loss_value, "grad_norm": grad_norm, "lr": lr}
+
+    @contextmanager
+    def _deferred_signals(self) -> Iterator[None]:
+        """Ctrl-C and SIGTERM stop the run at the end of the current step (a step interrupted midway would leave
+        half-updated weights); a second Ctrl-C stops at once, without saving."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._stop is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop = signum
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _stop_requested(self) -> int | None:
+        """The signal that asked this run to stop, agreed on by all processes (one may have received it first)."""
+        if self.accelerator.num_processes == 1:
+            return self._stop
+        flag = torch.tensor([self._stop or 0], device=self.accelerator.device)
+        return int(self.accelerator.reduce(flag, reduction="max")) or None
 
     def fit(self, progress: bool = True) -> dict[str, float]:
-        """Train to ``cfg.steps``, checkpointing every ``ckpt_every`` steps, on interruption and at the end."""
+        """Train to ``cfg.steps``, checkpointing every ``ckpt_every`` steps, at the end and when stopped by a
+        signal (then :class:`KeyboardInterrupt` or :class:`~distill.errors.Terminated` is raised)."""
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="train", dynamic_ncols=True)
         last: dict[str, float] = {}
         running, t0 = [], time.perf_counter()
         try:
-            with open(self.out / METRICS_FILE, "a") as log:
+            with self._deferred_signals(), open(self.out / METRICS_FILE, "a") as log:
                 while self.step < cfg.steps:
                     last = self.train_step()
                     running.append(last["loss"])
@@ -234,12 +324,35 @@ class Trainer:
                             log.flush()
                         bar.set_postfix(loss=f"{record['loss']:.4f}")
                         running, t0 = [], time.perf_counter()
+                    stop = self._stop_requested()
+                    if stop is not None:
+                        self.save()  # a stopped run resumes exactly where it stopped
+                        raise Terminated() if stop == signal.SIGTERM else KeyboardInterrupt()
                     if self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
                         self.save()
-        except KeyboardInterrupt:
-            self.save()  # a killed run resumes where it stopped
-            raise
+                self.save()
         finally:
             bar.close()
-        self.save()
         return last
+
+    def run(self, resume: bool = False, progress: bool = True) -> dict[str, float]:
+        """Start (or with ``resume``, continue) the run in ``out``, holding the run directory's lock throughout."""
+        self._check_run_dir(resume)  # before anything is created
+        if not self.accelerator.is_main_process:
+            if resume:
+                self.resume()
+            return self.fit(progress=False)
+        with run_lock(self.out):
+            self._check_run_dir(resume)  # again under the lock: another run may have started meanwhile
+            remove_stale_temp_files(self.out)
+            if resume:
+                self.resume()
+            return self.fit(progress)
+
+    def _check_run_dir(self, resume: bool) -> None:
+        state = self.out / STATE_FILE
+        if state.exists() and not resume:
+            raise UsageError(f"{self.out}: already holds a training run; pass --resume to continue it or choose "
+                             "another --out")
+        if resume and not state.exists():
+            raise UsageError(f"{state}: nothing to resume; drop --resume to start a new run")

@@ -27,6 +27,7 @@ class UNetConfig:
     dropout: float = 0.0
     num_classes: int = 0  # 0 = unconditional; otherwise label num_classes is the null class
     time_embed_dim: int | None = None  # default 4 * channels
+    guidance_embed: bool = False  # takes the guidance weight w as an input (guidance-distilled students)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -53,6 +54,10 @@ class UNetConfig:
 
 def _groups(ch: int) -> int:
     return math.gcd(32, ch) if ch >= 8 else 1
+
+
+# The guidance weight is embedded like time, scaled so that w in [0, 10] spans the range 1000 t spans for time.
+GUIDANCE_EMBED_SCALE = 100.0
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -111,8 +116,9 @@ class Attention(nn.Module):
 class UNet(nn.Module):
     """``UNet(config)(x, t_in, labels) -> prediction`` with the same shape as ``x``.
 
-    ``t_in`` is whatever scalar time input the denoiser's convention gives (e.g. ``1000 t``); ``labels`` are
-    class indices, ``None`` or the null index ``num_classes`` meaning unconditional.
+    ``t_in`` is whatever scalar time input the denoiser's convention gives (e.g. ``1000 t``), embedded in float32;
+    ``labels`` are class indices, ``None`` or the null index ``num_classes`` meaning unconditional; ``w`` is the
+    guidance weight, used only with ``config.guidance_embed``.
     """
 
     def __init__(self, config: UNetConfig):
@@ -122,6 +128,13 @@ class UNet(nn.Module):
         ch, emb_dim = c.channels, c.time_embed_dim or 4 * c.channels
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_emb = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes else None
+        self.guidance_mlp = None
+        if c.guidance_embed:
+            # Added to the time embedding (Meng et al. 2023); zero-initialised output, so a student copied from its
+            # teacher (with_guidance_embedding) starts as exactly the teacher, for every w.
+            self.guidance_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            nn.init.zeros_(self.guidance_mlp[2].weight)
+            nn.init.zeros_(self.guidance_mlp[2].bias)
         self.conv_in = nn.Conv2d(c.in_channels, ch, 3, padding=1)
 
         self.down = nn.ModuleList()
@@ -165,9 +178,14 @@ class UNet(nn.Module):
             h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
         return h
 
-    def forward(self, x: Tensor, t_in: Tensor, labels: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t_in: Tensor, labels: Tensor | None = None, w: Tensor | None = None) -> Tensor:
         t_in = torch.as_tensor(t_in, device=x.device).reshape(-1).expand(x.shape[0])
         emb = self.time_mlp(timestep_embedding(t_in, self.config.channels).to(x.dtype))
+        if self.guidance_mlp is not None:
+            w = torch.zeros_like(t_in) if w is None else torch.as_tensor(w, device=x.device).reshape(-1).expand(
+                x.shape[0])
+            emb = emb + self.guidance_mlp(timestep_embedding(GUIDANCE_EMBED_SCALE * w, self.config.channels).to(
+                x.dtype))
         if self.class_emb is not None:
             if labels is None:
                 labels = torch.full((x.shape[0],), self.config.num_classes, device=x.device, dtype=torch.long)
@@ -181,3 +199,15 @@ class UNet(nn.Module):
         for block in self.up:
             h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def with_guidance_embedding(net: UNet) -> UNet:
+    """A copy of ``net`` that also takes the guidance weight ``w``: same weights, plus a zero-initialised ``w``
+    embedding, so it gives ``net``'s output for every ``w`` until trained (guidance distillation's start)."""
+    from dataclasses import replace
+
+    student = UNet(replace(net.config, guidance_embed=True)).to(next(net.parameters()).device)
+    missing, unexpected = student.load_state_dict(net.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("guidance_mlp.") for k in missing):
+        raise ValueError(f"cannot copy weights into a guidance student: missing {missing}, unexpected {unexpected}")
+    return student
