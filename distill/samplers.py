@@ -166,7 +166,7 @@ def dpmpp_2m_step(x_t: Tensor, x0: Tensor, a_t, s_t, a_s, s_s, x0_prev: Tensor |
     h = log(a_s / s_s) - log(a_t / s_t)  # Lu et al.'s lambda is half our log-SNR: log(alpha / sigma)
     d = x0
     if x0_prev is not None:
-        r = h_prev / h
+        r = _per_sample(h_prev, x_t) / h
         d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
     x_s = (s_s / s_t) * x_t - a_s * expm1(-h) * d
     if tensors:

@@ -94,8 +94,12 @@ def train_teacher(run: TeacherRun, out: Path, *, resume: bool = False, command: 
 def publish(run: Path | str, dest: Path, *, guidance: float, data_spec: str | None = None) -> Path:
     """Copy a run's inference artifact to ``dest`` (a ``.safetensors`` path), recording the default guidance
     weight (``card.guidance``, used by ``distill eval``/``sample`` when none is given) and the training data."""
-    from distill.checkpoint import load_tensors, resolve_model_path, save_tensors
+    import math
 
+    from distill.checkpoint import load_tensors, resolve_model_path, save_tensors, validate_model
+
+    if not math.isfinite(guidance):
+        raise UsageError(f"--guidance {guidance}: the default guidance weight must be a finite number")
     src = resolve_model_path(run)
     tensors, meta = load_tensors(src)
     data = dict(meta.get("data") or {})
@@ -104,5 +108,6 @@ def publish(run: Path | str, dest: Path, *, guidance: float, data_spec: str | No
     if not data.get("spec"):
         raise UsageError(f"{src}: does not record its training data; pass --data")
     meta = {**meta, "data": data, "card": {**(meta.get("card") or {}), "guidance": guidance}}
+    validate_model(tensors, meta, src)  # a complete config that loads, finite weights: before anything is written
     save_tensors(dest, tensors, meta)
     return dest

@@ -123,8 +123,10 @@ def ema_with_warmup(decay: float):
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
-    """The seed of step ``step`` on process ``rank``; rank 0 keeps the single-process stream."""
-    return (seed * 1_000_003 + step + rank * 2**40) % (2**63 - 1)
+    """The seed of step ``step`` on process ``rank``; rank 0 keeps the single-process stream. torch's CPU generator
+    keeps only the low 32 bits of a seed, so the rank offset must live there: rank r's seeds are rank 0's a
+    billion steps later, which no run reaches."""
+    return (seed * 1_000_003 + step + rank * 1_000_000_007) % 2**32
 
 
 class Trainer:

@@ -210,4 +210,4 @@ def with_guidance_embedding(net: UNet) -> UNet:
     missing, unexpected = student.load_state_dict(net.state_dict(), strict=False)
     if unexpected or any(not k.startswith("guidance_mlp.") for k in missing):
         raise ValueError(f"cannot copy weights into a guidance student: missing {missing}, unexpected {unexpected}")
-    return student
+    return student.train(net.training)

@@ -1,0 +1,275 @@
+"""Long runs that fail safely and resume exactly: stateful losses, NaN guard, run-dir lock, signals, debris,
+validated model files, and data-parallel seeding."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from distill.data import load_dataset
+from distill.denoiser import Denoiser
+from distill.errors import UsageError
+from distill.losses import DiffusionLoss, TargetNetwork
+from distill.models.unet import UNet, UNetConfig
+from distill.rundir import run_lock
+from distill.schedules import CosineSchedule
+from distill.training import TrainConfig, Trainer
+
+TINY_ARGS = ["--data", "digits", "--channels", "8", "--channel-mult", "1,2", "--num-res-blocks", "1",
+             "--batch-size", "16", "--warmup", "0", "--attn", ""]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args, cwd=None, **kwargs):
+    return subprocess.run([sys.executable, "-m", "distill.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          **kwargs)
+
+
+class _Result:
+    def __init__(self, returncode: int, stderr: str):
+        self.returncode, self.stderr = returncode, stderr
+
+
+@pytest.fixture
+def distill_main(monkeypatch, capsys):
+    """Run the ``distill`` console entry point in this process (no interpreter start-up per call)."""
+    from distill.cli import main
+
+    def run(*args) -> _Result:
+        monkeypatch.setattr(sys, "argv", ["distill", *map(str, args)])
+        capsys.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        return _Result(code, capsys.readouterr().err)
+
+    return run
+
+
+def _one_line_error(res, code: int, needle: str) -> None:
+    assert res.returncode == code, res.stderr
+    lines = [ln for ln in res.stderr.strip().splitlines() if not ln.startswith("train:")]  # the progress bar
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in res.stderr, res.stderr
+
+
+# -- a loss that owns state --------------------------------------------------------------------------------------
+
+
+class TargetCurriculumLoss(DiffusionLoss):
+    """A consistency-style loss: an EMA target network whose decay follows a curriculum mu(k), plus a buffer (a
+    running mean of the loss) that feeds back into the objective, so a resume that dropped any of it would differ."""
+
+    def __init__(self, net):
+        super().__init__(label_dropout=0.2)
+        self.target = TargetNetwork(net)
+        self.register_buffer("running", torch.zeros(()))
+
+    @staticmethod
+    def mu(step: int) -> float:
+        n = 2 + step // 2  # the discretization doubles its resolution as training goes (N(k))
+        return math.exp(2 * math.log(0.9) / n)  # Song et al. (2023): mu(k) = exp(s0 log mu0 / N(k))
+
+    def forward(self, model, x0, labels, generator):
+        base = super().forward(model, x0, labels, generator)
+        t = torch.full((x0.shape[0],), 0.5)
+        with torch.no_grad():
+            target = self.target(x0, 1000 * t, labels)
+        online = model.net(x0, 1000 * t, labels)
+        loss = base + (online - target).pow(2).flatten(1).mean(1) * (1 + self.running)
+        self.running.mul_(0.9).add_(0.1 * loss.detach().mean())
+        return loss
+
+    def update(self, net, step):
+        self.target.update(net, self.mu(step))
+
+    def describe(self):
+        return {"name": "target-curriculum-test"}
+
+
+def _stateful_run(out: Path, steps: int, crash_at: int | None = None, resume: bool = False) -> Trainer:
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(image_size=8, channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                          dropout=0.1, num_classes=10))
+    model = Denoiser(net, CosineSchedule(), "v", "t1000", null_label=10)
+    loss = TargetCurriculumLoss(net)
+    if crash_at is not None:  # a process killed mid-run: nothing is saved after the last periodic checkpoint
+        original = loss.forward
+
+        def forward(*args):
+            if trainer.step + 1 == crash_at:
+                raise RuntimeError("killed")
+            return original(*args)
+
+        loss.forward = forward
+    cfg = TrainConfig(steps=steps, batch_size=16, warmup=0, lr=1e-3, ema_decay=0.0, ckpt_every=2)
+    meta = {"model": {"arch": "unet", "config": net.config.to_dict()},
+            "diffusion": {"schedule": model.schedule.config(), "prediction": "v", "time_input": "t1000"},
+            "method": loss.describe()}
+    trainer = Trainer(model, loss, load_dataset("digits"), cfg, out, meta)
+    trainer.run(resume=resume, progress=False)
+    return trainer
+
+
+def test_a_loss_with_target_network_and_curriculum_resumes_to_the_same_weights(tmp_path):
+    _stateful_run(tmp_path / "straight", 7)
+    with pytest.raises(RuntimeError, match="killed"):
+        _stateful_run(tmp_path / "killed", 7, crash_at=6)
+    state = load_file(tmp_path / "killed" / "train_state.safetensors")
+    assert {"loss.target.net.conv_in.weight", "loss.running"} <= state.keys()
+    _stateful_run(tmp_path / "killed", 7, resume=True)  # from the step-4 checkpoint
+    a = load_file(tmp_path / "straight" / "train_state.safetensors")
+    b = load_file(tmp_path / "killed" / "train_state.safetensors")
+    assert a.keys() == b.keys() and not any(k.startswith("ema.") for k in a)  # ema_decay 0: no EMA
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # without an EMA the model file holds the trained weights
+    model = load_file(tmp_path / "straight" / "model.safetensors")
+    assert torch.equal(model["conv_in.weight"], a["net.conv_in.weight"])
+
+
+# -- fail safely ----------------------------------------------------------------------------------------------------
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, distill_main):
+    out = tmp_path / "run"
+    res = distill_main("teacher", "train", *TINY_ARGS, "--steps", "4", "--ckpt-every", "2", "--out", out)
+    assert res.returncode == 0, res.stderr
+    before = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
+    res = distill_main("teacher", "train", *TINY_ARGS, "--steps", "40", "--ckpt-every", "2", "--lr", "1e6", "--out",
+               str(out), "--resume")
+    _one_line_error(res, 1, "the run diverged; kept the last good checkpoint (step 4)")
+    assert "step" in res.stderr and "nan" in res.stderr.lower()
+    assert {p.name: p.read_bytes() for p in out.glob("*.safetensors")} == before
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_a_second_run_on_a_locked_directory_is_refused(tmp_path):
+    out = tmp_path / "run"
+    with run_lock(out):  # held by this process; the second run is another process, as in real life
+        res = _cli("teacher", "train", *TINY_ARGS, "--steps", "2", "--out", str(out))
+        _one_line_error(res, 2, "another distill run")
+        assert str(os.getpid()) in res.stderr
+        with pytest.raises(UsageError, match="another distill run"), run_lock(out):
+            pass
+    assert not (out / "train_state.safetensors").exists()
+    with run_lock(out):  # released when the holder is done
+        pass
+
+
+def _train_until_logged(out: Path, extra=()):
+    proc = subprocess.Popen([sys.executable, "-m", "distill.cli", "teacher", "train", *TINY_ARGS, "--steps", "100000",
+                             "--ckpt-every", "100000", "--out", str(out), *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    return proc
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_saves_at_the_end_of_the_step_and_exits_with_its_code(tmp_path, sig, code):
+    out = tmp_path / "run"
+    proc = _train_until_logged(out)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and "progress saved" in err
+    from distill.checkpoint import read_metadata
+
+    step = read_metadata(out / "train_state.safetensors")["step"]
+    assert step >= 25 and read_metadata(out / "model.safetensors")["step"] == step
+    assert not list(out.glob(".*.tmp"))
+    res = _cli("teacher", "train", *TINY_ARGS, "--steps", str(step + 2), "--ckpt-every", "100000", "--out", str(out),
+               "--resume")
+    assert res.returncode == 0, res.stderr
+    assert read_metadata(out / "train_state.safetensors")["step"] == step + 2
+
+
+def test_debris_of_a_killed_write_does_not_trip_the_next_run(tmp_path, distill_main):
+    out = tmp_path / "run"
+    assert distill_main("teacher", "train", *TINY_ARGS, "--steps", "3", "--out", out).returncode == 0
+    # what SIGKILL during a checkpoint and a log write would leave: a temp file and a line cut short
+    (out / ".train_state.safetensors.x1y2.tmp").write_bytes(b"half a checkpoint")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')
+    res = distill_main("teacher", "train", *TINY_ARGS, "--steps", "5", "--out", out, "--resume")
+    assert res.returncode == 0, res.stderr
+    assert not list(out.glob(".*.tmp"))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3, 5]
+
+
+def _write_model(path: Path, **changes) -> None:
+    net = UNet(UNetConfig(image_size=8, channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                          num_classes=10))
+    tensors = {k: v.contiguous() for k, v in net.state_dict().items()}
+    meta = {"format": "distill.model/1", "model": {"arch": "unet", "config": net.config.to_dict()},
+            "diffusion": {"schedule": {"name": "cosine", "logsnr_min": -20.0, "logsnr_max": 20.0},
+                          "prediction": "v", "time_input": "t1000"}, "data": {"spec": "digits"}}
+    if changes.pop("nan", False):
+        tensors["conv_in.weight"][0, 0, 0, 0] = float("nan")
+    for key, value in changes.items():
+        if value is None:
+            meta.pop(key)
+        else:
+            meta[key] = value
+    save_file(tensors, str(path), metadata={k: json.dumps(v) for k, v in meta.items()})
+
+
+@pytest.mark.parametrize("change,needle,publish_repairs", [
+    ({"nan": True}, "hold NaN or Inf", False),
+    ({"diffusion": None}, "incomplete metadata", False),
+    ({"diffusion": {"schedule": {"name": "cosine"}, "prediction": "v"}}, "missing 'time_input'", False),
+    ({"card": {"guidance": float("nan")}}, "finite", True),  # publish records a new, finite --guidance
+])
+def test_model_files_are_validated_when_read_and_when_published(tmp_path, distill_main, change, needle,
+                                                                 publish_repairs):
+    bad = tmp_path / "bad.safetensors"
+    _write_model(bad, **change)
+    _one_line_error(distill_main("sample", bad, "--steps", "1", "--seeds", "0", "--out", tmp_path / "s"), 2, needle)
+    assert not (tmp_path / "s").exists()
+    dest = tmp_path / "published.safetensors"
+    res = distill_main("teacher", "publish", bad, dest)
+    if publish_repairs:
+        assert res.returncode == 0 and dest.exists()
+    else:
+        _one_line_error(res, 2, needle)
+        assert not dest.exists()
+
+
+def test_publish_refuses_a_non_finite_guidance_weight(tmp_path, distill_main):
+    good = tmp_path / "good.safetensors"
+    _write_model(good)
+    dest = tmp_path / "published.safetensors"
+    for w in ("nan", "inf"):
+        _one_line_error(distill_main("teacher", "publish", good, dest, "--guidance", w), 2, "--guidance")
+    assert not dest.exists()
+    assert distill_main("teacher", "publish", good, dest, "--guidance", "0.5").returncode == 0
+
+
+# -- data parallel ----------------------------------------------------------------------------------------------
+
+
+def test_two_processes_draw_different_noise(tmp_path):
+    """``accelerate launch`` with two CPU processes: each rank's loss records its noise, timesteps, label-drop draws
+    and global RNG; the data shards differ by construction, the draws must too."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "tests" / "dp_probe.py"),
+                          str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    for key in ("t", "eps", "drop", "global", "batch"):
+        assert r0[key] != r1[key], key
+    assert (tmp_path / "run" / "model.safetensors").exists()
