@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.metrics import Quality
+from benchmarks.metrics import DEFAULT_METRICS, Quality
 from distill.errors import UsageError
 
 
@@ -46,33 +46,73 @@ def evaluate(source: str, *, data_spec: str | None = None, ref: str = "A", metri
              guidance: float | None = None, seeds: list[int] | None = None, classes: list[int] | None = None,
              batch_size: int = 250, bf16: bool = False, device: str = "cpu", inception_backend: str = "onnxruntime",
              progress: bool = True, quality: Quality | None = None, denoiser=None) -> dict:
-    """Sample ``source`` (a model) or read it (images), then measure it against the real split ``ref``."""
+    """Sample ``source`` (a model) or read it (images), then measure it against the real split ``ref``.
+
+    Everything that can be checked is checked before any sampling or feature extraction: the device, the metric,
+    backend and device combination, the domain classifier, the image shape against ``data_spec``, the number of
+    samples each metric needs, and (for ``metrics`` asked for explicitly) that ``acc`` has labels to check."""
     from distill.data import load_dataset
+    from distill.preflight import check_device
     from distill.samplers import nfe
 
+    check_device(device)
+    if not is_image_source(source) and Path(source).is_dir() and not (Path(source) / "model.safetensors").exists():
+        raise UsageError(f"SOURCE {source}: a folder without model.safetensors; for a folder of images write "
+                         f"folder:{source}")
     data_spec = data_spec or default_data(source)
     if data_spec is None:
         raise UsageError(f"{source}: cannot tell which real data to compare against; pass --data (e.g. mnist)")
+    explicit = metrics is not None and quality is None
     if quality is None:
-        kwargs = {"metrics": tuple(metrics)} if metrics else {}
-        quality = Quality(load_dataset(data_spec), ref=ref, inception_backend=inception_backend, device=device,
-                          progress=progress, **kwargs)
+        data = load_dataset(data_spec)
+        chosen = tuple(metrics) if metrics else DEFAULT_METRICS
+        if not explicit and data.labels is None:  # acc by default only where there are classes to check
+            chosen = tuple(m for m in chosen if m != "acc")
+        quality = Quality(data, ref=ref, metrics=chosen, inception_backend=inception_backend, device=device,
+                          progress=progress)
+    quality.prepare()  # load the extractors now: a missing classifier or a bad backend fails before sampling
     result: dict = {"source": source, "data": data_spec}
+    den = None
     if source.startswith("real:"):  # a real half: B against A is the real-vs-real floor
-        from benchmarks.metrics import real_split
+        from benchmarks.metrics import SPLITS, real_split
 
-        images, labels = real_split(quality.data, source.partition(":")[2])
+        split = source.partition(":")[2]
+        if split not in SPLITS:
+            raise UsageError(f"SOURCE {source}: choose real:A, real:B or real:all")
+        images, labels = real_split(quality.data, split)
         result.update({"images": source, "count": len(images)})
+        what, fix = f"SOURCE {source}", "use more real images"
+        shape = tuple(images.shape[1:])
     elif is_image_source(source):
         images, labels, info = load_images(source)
         result.update(info)
+        what, fix = f"SOURCE {source}", "use a larger image set"
+        shape = tuple(images.shape[1:])  # (C, H, W)
     else:
-        from distill.checkpoint import card_guidance, load_denoiser
-        from distill.sampling import draw_samples
+        from distill.checkpoint import load_denoiser
 
         den = denoiser if denoiser is not None else load_denoiser(source, device)
-        guidance = card_guidance(den.metadata, guidance)
         seeds = list(range(2500)) if seeds is None else seeds
+        c = den.net.config
+        labels = [] if c.num_classes else None  # the requested classes, known before sampling
+        what, fix = "--seeds", "pass more seeds (e.g. --seeds 0-99)"
+        shape = (c.in_channels, c.image_size, c.image_size)
+        images = None
+    if shape != tuple(quality.data.shape):
+        size = "x".join(map(str, quality.data.shape))
+        why = " (the size its classifier expects)" if "domain" in quality.kinds() else ""
+        raise UsageError(f"SOURCE {source}: images are {'x'.join(map(str, shape))} (C x H x W) but --data "
+                         f"{data_spec} holds {size} images{why}; evaluate against the matching --data")
+    if "acc" in quality.metrics and labels is None:
+        if explicit:
+            raise UsageError(f"--metrics acc: SOURCE {source} has no class labels to check; drop acc")
+        quality = quality.without("acc")
+    quality.check_sizes(len(seeds) if images is None else len(images), what, fix)
+    if den is not None:
+        from distill.checkpoint import card_guidance
+        from distill.sampling import draw_samples
+
+        guidance = card_guidance(den.metadata, guidance)
         start = time.perf_counter()
         images, labels = draw_samples(den, sampler=sampler, steps=steps, seeds=seeds, classes=classes,
                                       guidance=guidance, spacing=spacing, eta=eta, batch_size=batch_size,
@@ -101,6 +141,4 @@ def summary_line(r: dict) -> str:
 def write_json(path: Path, obj) -> None:
     from distill.checkpoint import atomic_write
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))

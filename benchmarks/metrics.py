@@ -24,7 +24,7 @@ import hashlib
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ warnings.filterwarnings("ignore", message=r"Metric `(Kernel Inception Distance|I
 
 SPLITS = ("A", "B", "all")
 SPLIT_SEED = 0
+IS_SPLITS = 10  # the Inception Score is averaged over this many splits of the samples
 
 
 def cache_dir() -> Path:
@@ -135,31 +136,64 @@ def inception_extractor(backend: str = "onnxruntime", device: str = "cpu", bf16:
                      fingerprint=f"inception-{inception.SHA1[:12]}-{backend}-{info['precision']}")
 
 
-def _inception_session(channels: int):
-    """An ONNX Runtime session for the FID network, exported once per input channel count and cached."""
-    import onnxruntime as ort
-
+def _export_inception(path: Path, channels: int) -> None:
+    """Export the FID network for ``channels`` input channels to ONNX at ``path`` (atomically)."""
     from benchmarks import inception
     from distill.checkpoint import atomic_write
 
+    net = inception.InceptionV3.from_torchscript()
+    example = torch.zeros(2, channels, inception.SIZE, inception.SIZE)
+    atomic_write(path, lambda tmp: torch.onnx.export(
+        net, (example,), tmp, dynamo=False, input_names=["x"], output_names=["features"],
+        dynamic_axes={"x": {0: "n"}, "features": {0: "n"}}, opset_version=17))
+
+
+def _inception_session(channels: int):
+    """An ONNX Runtime session for the FID network, exported once per input channel count and cached. A cached
+    file that does not load (corrupt, truncated, from a broken disk) is exported again, once."""
+    import onnxruntime as ort
+
+    from benchmarks import inception
+
     path = cache_dir() / f"inception-{inception.SHA1[:12]}-c{channels}.onnx"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        net = inception.InceptionV3.from_torchscript()
-        example = torch.zeros(2, channels, inception.SIZE, inception.SIZE)
-        atomic_write(path, lambda tmp: torch.onnx.export(
-            net, (example,), tmp, dynamo=False, input_names=["x"], output_names=["features"],
-            dynamic_axes={"x": {0: "n"}, "features": {0: "n"}}, opset_version=17))
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if path.is_file():
+        try:
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's errors (InvalidProtobuf, Fail, ...) share no useful base class
+            _cache_note(path, e)
+    try:
+        _export_inception(path, channels)
+    except UsageError as e:  # the cache cannot be written: export to a temporary folder, use it once
+        import sys
+        import tempfile
+
+        print(f"note: {e}; set DISTILL_CACHE to a writable folder to keep the exported network", file=sys.stderr)
+        with tempfile.TemporaryDirectory() as tmp:
+            _export_inception(Path(tmp) / path.name, channels)
+            return ort.InferenceSession(str(Path(tmp) / path.name), options, providers=["CPUExecutionProvider"])
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _cache_note(path: Path, error: BaseException) -> None:
+    """Say (one line on stderr) that a cache entry was unreadable and is being rebuilt."""
+    import sys
+
+    reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+    print(f"note: {path}: unreadable cache entry ({reason}); recomputing it", file=sys.stderr)
 
 
 def domain_extractor(dataset: str, device: str = "cpu") -> Extractor:
     """The dataset's own classifier: 128-d features and class logits at native resolution."""
-    from benchmarks.classifier import load_classifier
+    from benchmarks.classifier import WEIGHTS, load_classifier
 
+    if not (WEIGHTS / f"{dataset}-classifier.safetensors").is_file():
+        shipped = sorted(p.name.split("-classifier")[0] for p in WEIGHTS.glob("*-classifier.safetensors"))
+        raise UsageError(f"--metrics fd, kid, is and acc need a domain classifier, and there is none for {dataset} "
+                         f"(shipped: {', '.join(shipped)}); use --metrics fid,kid_inception or train one with "
+                         "python -m benchmarks.classifier")
     model = load_classifier(dataset).to(device)
     c = model.cfg
     info = {"extractor": f"domain:{c.dataset}", "network": f"{c.dataset}-classifier "
@@ -208,10 +242,21 @@ def reference_features(data, split: str, extractor: Extractor, progress: bool = 
     name = f"{data.name.replace(':', '_').replace('/', '_')}-{split}-{digest}"
     path = cache_dir() / "reference" / f"{extractor.fingerprint}-{name}.safetensors"
     if path.is_file():
-        return load_file(str(path))
+        try:  # a cache entry that does not load or does not fit these images is a miss: recompute, overwrite
+            feats = load_file(str(path))
+            f = feats["features"]
+            if f.ndim != 2 or len(f) != len(images) or not torch.isfinite(f).all():
+                raise ValueError(f"features of shape {tuple(f.shape)} for {len(images)} images")
+            return feats
+        except Exception as e:  # SafetensorError, KeyError, OSError, ValueError: all mean "rebuild it"
+            _cache_note(path, e)
     feats = extractor(images, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in feats.items()}, tmp))
+    try:
+        atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in feats.items()}, tmp))
+    except UsageError as e:  # an unwritable cache costs time, not the result
+        import sys
+
+        print(f"note: {e}; set DISTILL_CACHE to a writable folder to keep reference features", file=sys.stderr)
     return feats
 
 
@@ -243,7 +288,7 @@ def kernel_distance(real: Tensor, fake: Tensor, subsets: int = 100, subset_size:
     return float(mean), float(std)
 
 
-def inception_score(logits: Tensor, splits: int = 10, seed: int = 0) -> tuple[float, float]:
+def inception_score(logits: Tensor, splits: int = IS_SPLITS, seed: int = 0) -> tuple[float, float]:
     """IS (torchmetrics ``InceptionScore``) on the given classifier logits: mean and std over splits, seeded."""
     from torchmetrics.image.inception import InceptionScore
 
@@ -257,6 +302,8 @@ def inception_score(logits: Tensor, splits: int = 10, seed: int = 0) -> tuple[fl
 
 METRICS = ("fd", "kid", "is", "acc", "fid", "kid_inception")
 DEFAULT_METRICS = ("fd", "kid", "is", "acc", "fid")
+DOMAIN_METRICS = ("fd", "kid", "is", "acc")
+INCEPTION_METRICS = ("fid", "kid_inception")
 
 
 @dataclass
@@ -275,8 +322,52 @@ class Quality:
         unknown = [m for m in self.metrics if m not in METRICS]
         if unknown:
             raise UsageError(f"--metrics: unknown {', '.join(unknown)}; choose from {', '.join(METRICS)}")
+        if not self.metrics:
+            raise UsageError(f"--metrics is empty: give one or more of {', '.join(METRICS)}")
         if "acc" in self.metrics and self.data.labels is None:
             raise UsageError(f"--metrics acc: dataset {self.data.name} has no labels")
+        if self.inception_backend not in INCEPTION_BACKENDS:
+            raise UsageError(f"--inception-backend {self.inception_backend}: choose one of "
+                             f"{', '.join(INCEPTION_BACKENDS)}")
+        if self.kinds() & {"inception"} and self.inception_backend == "onnxruntime" and self.device != "cpu":
+            used = ", ".join(m for m in self.metrics if m in INCEPTION_METRICS)
+            raise UsageError(f"--inception-backend onnxruntime runs on the CPU only, and --metrics {used} needs it "
+                             f"on --device {self.device}; pass --inception-backend torch (or torch-bf16), or "
+                             "--device cpu")
+
+    def kinds(self) -> set[str]:
+        """The feature extractors the requested metrics need: ``domain`` and/or ``inception``."""
+        return ({"domain"} if set(self.metrics) & set(DOMAIN_METRICS) else set()) | (
+            {"inception"} if set(self.metrics) & set(INCEPTION_METRICS) else set())
+
+    def prepare(self) -> Quality:
+        """Load the extractors the metrics need (a missing domain classifier fails here, before any sampling)."""
+        for kind in sorted(self.kinds()):
+            self.extractor(kind)
+        return self
+
+    def without(self, metric: str) -> Quality:
+        """The same measurement without ``metric`` (sharing the loaded extractors)."""
+        return replace(self, metrics=tuple(m for m in self.metrics if m != metric), _extractors=self._extractors)
+
+    def min_samples(self) -> dict[str, int]:
+        """The fewest samples each requested metric can be computed from: FD and KID need two (a covariance, a
+        kernel between distinct samples); IS needs two per split, so that no split is a single image."""
+        need = {"fd": 2, "fid": 2, "kid": 2, "kid_inception": 2, "is": 2 * IS_SPLITS, "acc": 1}
+        return {m: need[m] for m in self.metrics}
+
+    def check_sizes(self, n_fake: int, what: str = "the sample set", fix: str = "use more samples") -> None:
+        """Refuse, before any sampling, a sample set (``what``, with ``n_fake`` images) or reference split too
+        small for a requested metric; ``fix`` says how to get more."""
+        for metric, need in self.min_samples().items():
+            if n_fake < need:
+                raise UsageError(f"--metrics {metric} needs at least {need} samples, but {what} gives {n_fake}; "
+                                 f"{fix} or drop {metric}")
+        n_ref = len(real_split(self.data, self.ref)[0]) if self.ref != "all" else len(self.data)
+        for metric in ("fd", "fid", "kid", "kid_inception"):
+            if metric in self.metrics and n_ref < 2:
+                raise UsageError(f"--metrics {metric}: --ref {self.ref} of --data {self.data.spec or self.data.name} "
+                                 f"holds {n_ref} image(s), it needs at least 2; use more real images")
 
     def extractor(self, kind: str) -> Extractor:
         if kind not in self._extractors:

@@ -26,10 +26,36 @@ STATE_FORMAT = "distill.train_state/1"
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``, so a crash never leaves a half-written file."""
+    """Call ``write(tmp_path)`` then rename onto ``path``, so a crash never leaves a half-written file.
+
+    A location that cannot be written (a read-only or full disk, no permission, a file where a folder should be)
+    is a :class:`UsageError` naming ``path``; the temp file is removed whatever happens."""
+    import errno
+    import re
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # What the user can fix about an output location; any other OSError is a genuine runtime failure.
+    fixable = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+               errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on the device",
+               errno.EDQUOT: "disk quota exceeded", errno.ENOTDIR: "a parent is a file, not a folder",
+               errno.EEXIST: "a parent is a file, not a folder", errno.EISDIR: "it is a folder",
+               errno.ENAMETOOLONG: "file name too long", errno.EFBIG: "file too large",
+               errno.EBUSY: "the path is busy (a mount point or the current folder)"}
+
+    def usage_error(code: int) -> UsageError:
+        return UsageError(f"{path}: cannot write it ({fixable[code]}); free space or choose another output path"
+                          if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else
+                          f"{path}: cannot write it ({fixable[code]}); choose another output path")
+
+    if path.is_dir():
+        raise UsageError(f"{path}: cannot write it ({fixable[errno.EISDIR]}); give a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        if e.errno in fixable:
+            raise usage_error(e.errno) from None
+        raise
     os.close(fd)
     try:
         write(tmp)
@@ -37,6 +63,15 @@ def atomic_write(path: Path, write) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
+    except Exception as e:
+        Path(tmp).unlink(missing_ok=True)
+        # OSError, or a library's own error wrapping one (safetensors: "I/O error: ... (os error 28)")
+        code = e.errno if isinstance(e, OSError) else None
+        if code is None and (m := re.search(r"os error (\d+)", str(e))):
+            code = int(m.group(1))
+        if code in fixable:
+            raise usage_error(code) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -5,18 +5,107 @@ Exit codes: 0 success, 1 runtime failure, 2 usage or config error, 3 failed CI g
 
 from __future__ import annotations
 
+import math
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from distill import __version__
 from distill.config import config_option
-from distill.errors import DistillError
-from distill.parsing import parse_int_list
+from distill.errors import DistillError, UsageError
+from distill.parsing import parse_int_list, parse_names, parse_seeds
+
+# -- one-line usage errors and strict types -------------------------------------------------------------------
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+class OneLineUsageError(click.UsageError):
+    """click's usage errors, printed as one ``error:`` line with the help hint at its end (exit code 2)."""
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", file=file, err=file is None)
+
+
+def _one_line(e: click.UsageError) -> OneLineUsageError:
+    hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+    return OneLineUsageError(f"{e.format_message()}{hint}")
+
+
+@contextmanager
+def _usage_errors_on_one_line() -> Iterator[None]:
+    try:
+        yield
+    except (click.exceptions.NoArgsIsHelpError, OneLineUsageError):
+        raise
+    except click.UsageError as e:
+        raise _one_line(e) from None
+
+
+class OneLineGroup(click.Group):
+    """A group whose usage errors (bad option values, missing options, unknown commands) are one line each,
+    raised before the command does any work. ``distill`` alone still prints the help."""
+
+    def make_context(self, *args, **kwargs):
+        with _usage_errors_on_one_line():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _usage_errors_on_one_line():
+            return super().invoke(ctx)
+
+    def group(self, *args, **kwargs):
+        kwargs.setdefault("cls", OneLineGroup)
+        return super().group(*args, **kwargs)
+
+
+class Finite(click.FloatRange):
+    """A float option that refuses nan and inf (click's float type takes them, and nan passes any range)."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return value
+
+
+class NonEmptyPath(click.Path):
+    """A path option that refuses an empty string (``--out ""`` would otherwise mean the current folder)."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (str, os.PathLike)) and not str(value).strip():
+            self.fail("is empty; give a path", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+def _non_empty(ctx, param, value):
+    if value is not None and not str(value).strip():
+        raise click.BadParameter("is empty; give a path or a name", ctx, param)
+    return value
+
+
+def _max_threads() -> int:
+    return 4 * (os.cpu_count() or 1)
+
+
+def _threads(ctx, param, value):
+    if value is not None and value > _max_threads():
+        raise click.BadParameter(f"{value} is more than 4 threads per CPU core ({_max_threads()} on this machine)",
+                                 ctx, param)
+    return value
+
+
+def _explicit(ctx: click.Context, name: str) -> bool:
+    """Whether option ``name`` was set by the user (command line, environment or config file)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source not in (click.core.ParameterSource.DEFAULT,)
+
+
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="distill")
 def cli():
     """distill: diffusion teachers in, fast students out.
@@ -36,8 +125,8 @@ def sampling_options(command):
         click.option("--steps", type=click.IntRange(1, 10000), default=20, metavar="N", help="Sampler steps."),
         click.option("--spacing", type=click.Choice(["uniform", "karras", "logsnr"]), default=None,
                      help="Timestep spacing [default: the sampler's usual one]."),
-        click.option("--eta", type=click.FloatRange(0, 1), default=None, help="DDIM eta (0 = deterministic)."),
-        click.option("--guidance", type=float, default=None, metavar="W",
+        click.option("--eta", type=Finite(0, 1), default=None, help="DDIM eta (0 = deterministic; ddim only)."),
+        click.option("--guidance", type=Finite(), default=None, metavar="W",
                      help="Classifier-free guidance weight w: (1 + w) eps(c) - w eps(null) [default: the model "
                           "card's, else 0]."),
     ]):
@@ -55,7 +144,7 @@ def teacher():
 # main
 @click.option("--data", "data_spec", required=True, metavar="SPEC",
               help="digits | mnist | folder:PATH | npz:PATH")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, metavar="DIR",
+@click.option("--out", type=NonEmptyPath(file_okay=False, path_type=Path), required=True, metavar="DIR",
               help="Run directory (model.safetensors, train_state.safetensors, metrics.jsonl).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--image-size", type=click.IntRange(4, 1024), default=None, metavar="PX",
@@ -72,22 +161,23 @@ def teacher():
 @click.option("--num-res-blocks", type=click.IntRange(1, 8), default=2, metavar="N")
 @click.option("--attn", "attn_res", default=None, metavar="LIST",
               help="Resolutions with self-attention, e.g. 8 [default: the lowest resolution].")
-@click.option("--dropout", type=click.FloatRange(0, 0.9), default=0.1)
+@click.option("--dropout", type=Finite(0, 0.9), default=0.1)
 # hyperparameters
-@click.option("--steps", type=click.IntRange(1), default=4000, metavar="N", help="Optimizer steps.")
-@click.option("--batch-size", type=click.IntRange(1), default=128, metavar="B")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4)
-@click.option("--warmup", type=click.IntRange(0), default=200, metavar="N")
+@click.option("--steps", type=click.IntRange(1, 10**9), default=4000, metavar="N", help="Optimizer steps.")
+@click.option("--batch-size", type=click.IntRange(1, 65536), default=128, metavar="B")
+@click.option("--lr", type=Finite(min=0, min_open=True), default=2e-4)
+@click.option("--warmup", type=click.IntRange(0, 10**9), default=200, metavar="N")
 @click.option("--lr-decay", type=click.Choice(["constant", "linear", "cosine"]), default="constant")
-@click.option("--grad-clip", type=click.FloatRange(0), default=1.0)
-@click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=0.999)
-@click.option("--label-dropout", type=click.FloatRange(0, 1), default=0.1,
+@click.option("--grad-clip", type=Finite(0), default=1.0)
+@click.option("--ema-decay", type=Finite(0, 1, max_open=True), default=0.999)
+@click.option("--label-dropout", type=Finite(0, 1), default=0.1,
               help="Probability of training on the null class (classifier-free guidance).")
 # performance and I/O
 @click.option("--bf16/--no-bf16", default=False, help="bf16 autocast (fast on CPUs with AMX).")
-@click.option("--seed", type=int, default=0)
-@click.option("--ckpt-every", type=click.IntRange(1), default=500, metavar="N")
-@click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0)
+@click.option("--ckpt-every", type=click.IntRange(1, 10**9), default=500, metavar="N")
+@click.option("--threads", type=click.IntRange(1), default=None, callback=_threads,
+              help="torch CPU threads (at most 4 per core).")
 def teacher_train(data_spec, out, resume, image_size, unconditional, schedule, prediction, channels,
                   channel_mult, num_res_blocks, attn_res, dropout, steps, batch_size, lr, warmup, lr_decay,
                   grad_clip, ema_decay, label_dropout, bf16, seed, ckpt_every, threads):
@@ -99,6 +189,14 @@ def teacher_train(data_spec, out, resume, image_size, unconditional, schedule, p
       distill teacher train --data mnist --out runs/mnist --bf16 --resume
       distill teacher train --config recipes/mnist-teacher.yaml
     """
+    from distill.preflight import check_output_dir
+
+    check_output_dir(out, "--out")
+    if channel_mult:
+        widest = channels * max(parse_int_list(channel_mult, "--channel-mult", allow_empty=True, lo=1) or [1])
+        if widest > 8192:
+            raise UsageError(f"--channel-mult {channel_mult}: the widest level would have {widest} channels "
+                             f"(--channels {channels} x multiplier); keep it at most 8192")
     from distill.teacher import build_teacher, train_teacher
 
     if threads:
@@ -117,9 +215,9 @@ def teacher_train(data_spec, out, resume, image_size, unconditional, schedule, p
 
 
 @teacher.command("publish")
-@click.argument("run", metavar="RUN")
-@click.argument("dest", type=click.Path(dir_okay=False, path_type=Path), metavar="DEST")
-@click.option("--guidance", type=float, default=0.0, metavar="W", help="The default guidance weight to record.")
+@click.argument("run", metavar="RUN", callback=_non_empty)
+@click.argument("dest", type=NonEmptyPath(dir_okay=False, path_type=Path), metavar="DEST")
+@click.option("--guidance", type=Finite(), default=0.0, metavar="W", help="The default guidance weight to record.")
 @click.option("--data", "data_spec", default=None, metavar="SPEC", help="Training data, if the run lacks it.")
 def teacher_publish(run, dest, guidance, data_spec):
     """Copy a run's model file to DEST with its default guidance and data recorded (for shipping a teacher).
@@ -128,19 +226,22 @@ def teacher_publish(run, dest, guidance, data_spec):
     Example (the shipped MNIST teacher):
       distill teacher publish runs/mnist-teacher distill/weights/mnist.safetensors --guidance 0 --data mnist
     """
+    from distill.preflight import check_output_file
     from distill.teacher import publish
 
+    check_output_file(dest, "DEST")
     click.echo(f"wrote {publish(run, dest, guidance=guidance, data_spec=data_spec)}")
 
 
 @cli.command("sample")
-@click.argument("checkpoint", metavar="CHECKPOINT")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
+@click.argument("checkpoint", metavar="CHECKPOINT", callback=_non_empty)
+@click.option("--out", type=NonEmptyPath(file_okay=False, path_type=Path), default=None, metavar="DIR",
               help="Output folder [default: CHECKPOINT's folder / samples, or ./samples for a shipped model].")
 @sampling_options
 @click.option("--classes", default=None, metavar="LIST",
               help="Class labels, cycled over the seeds, e.g. 0-9 [default: all classes of a conditional model].")
-@click.option("--seeds", default="0-63", metavar="LIST", help="Per-sample seeds, e.g. 0-63 or 1,5,9.")
+@click.option("--seeds", default="0-63", metavar="LIST",
+              help="Per-sample seeds, e.g. 0-63 or 1,5,9 (0 <= seed < 2**63, at most 1,000,000 of them).")
 @click.option("--batch-size", type=click.IntRange(1), default=256, metavar="B")
 @click.option("--device", default="cpu", help="torch device (cpu, cuda, cuda:1).")
 @click.option("--bf16/--no-bf16", default=False, help="Run the network under bf16 autocast.")
@@ -151,12 +252,17 @@ def sample(checkpoint, out, sampler, steps, spacing, eta, guidance, classes, see
     Example:
       distill sample runs/digits --sampler heun --steps 10 --guidance 1 --classes 0-9 --seeds 0-99
     """
-    from distill.sampling import sample_to_files
+    seed_list = parse_seeds(seeds)
+    class_list = parse_int_list(classes, "--classes", lo=0) if classes is not None else None
+    _check_sampling(sampler, eta)
+    from distill.preflight import check_device, check_output_dir
 
-    seed_list = parse_int_list(seeds, "--seeds")
-    class_list = parse_int_list(classes, "--classes") if classes else None
+    check_device(device)
     path = Path(checkpoint)
     out = out or ((path if path.is_dir() else path.parent) if path.exists() else Path(".")) / "samples"
+    check_output_dir(out, "--out")
+    from distill.sampling import sample_to_files
+
     grid, npz = sample_to_files(checkpoint, out, sampler=sampler, steps=steps, spacing=spacing, eta=eta,
                                 guidance=guidance, classes=class_list, seeds=seed_list, batch_size=batch_size,
                                 device=device, bf16=bf16)
@@ -164,16 +270,18 @@ def sample(checkpoint, out, sampler, steps, spacing, eta, guidance, classes, see
 
 
 @cli.command("eval")
-@click.argument("source", metavar="SOURCE")
+@click.argument("source", metavar="SOURCE", callback=_non_empty)
 @click.option("--data", "data_spec", default=None, metavar="SPEC",
               help="Real data to compare against [default: the model's training data].")
 @click.option("--ref", type=click.Choice(["A", "B", "all"]), default="A",
               help="Which fixed half of the real data is the reference (B vs A is the real-vs-real floor).")
-@click.option("--metrics", "metric_list", default="fd,kid,is,acc,fid", metavar="LIST",
-              help="Any of fd, kid, is, acc (domain classifier) and fid, kid_inception (InceptionV3).")
+@click.option("--metrics", "metric_list", default=None, metavar="LIST", show_default="fd,kid,is,acc,fid",
+              help="Any of fd, kid, is, acc (domain classifier) and fid, kid_inception (InceptionV3). acc is "
+                   "skipped for unlabelled images unless asked for.")
 @sampling_options
 @click.option("--classes", default=None, metavar="LIST", help="Class labels cycled over the seeds [default: all].")
-@click.option("--seeds", default="0-2499", metavar="LIST", help="Per-sample seeds (one sample each).")
+@click.option("--seeds", default="0-2499", metavar="LIST",
+              help="Per-sample seeds (one sample each; 0 <= seed < 2**63, at most 1,000,000).")
 @click.option("--batch-size", type=click.IntRange(1), default=250, metavar="B")
 @click.option("--bf16/--no-bf16", default=False, help="Sample with the network under bf16 autocast.")
 @click.option("--inception-backend", type=click.Choice(["onnxruntime", "torch", "torch-bf16"]),
@@ -181,7 +289,7 @@ def sample(checkpoint, out, sampler, steps, spacing, eta, guidance, classes, see
               "(fp32, any device) or torch-bf16 (bf16 weights, any device; FID within ~0.3 % of fp32; on a 2-core "
               "AVX512-BF16 CPU about as fast as onnxruntime). References are cached per backend and precision.")
 @click.option("--device", default="cpu", help="torch device (cpu, cuda, cuda:1).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE",
+@click.option("--out", type=NonEmptyPath(dir_okay=False, path_type=Path), default=None, metavar="FILE",
               help="Write the full result (metrics, settings, extractors, sample counts) as JSON.")
 def eval_(source, data_spec, ref, metric_list, sampler, steps, spacing, eta, guidance, classes, seeds, batch_size,
           bf16, inception_backend, device, out):
@@ -197,19 +305,44 @@ def eval_(source, data_spec, ref, metric_list, sampler, steps, spacing, eta, gui
       distill eval runs/mnist/samples/samples.npz --data mnist
       distill eval real:B --data mnist --metrics fd,fid
     """
+    from benchmarks.evaluate import is_image_source
+
+    ctx = click.get_current_context()
+    if is_image_source(source):  # nothing is sampled: a sampling option would be silently ignored
+        given = [n for n in ("sampler", "steps", "spacing", "eta", "guidance", "classes", "seeds", "batch_size",
+                             "bf16") if _explicit(ctx, n)]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise UsageError(f"{flag}: SOURCE {source} is a set of images, so nothing is sampled; drop {flag} "
+                             "(sampling options apply when SOURCE is a model)")
+    from benchmarks.metrics import METRICS
+
+    metric_names = parse_names(metric_list, "--metrics", METRICS) if metric_list is not None else None
+    seed_list = parse_seeds(seeds)
+    class_list = parse_int_list(classes, "--classes", lo=0) if classes is not None else None
+    _check_sampling(sampler, eta)
+    from distill.preflight import check_device, check_output_file
+
+    check_device(device)
+    if out:
+        check_output_file(out, "--out")
     from benchmarks.evaluate import evaluate, summary_line, write_json
 
-    result = evaluate(source, data_spec=data_spec, ref=ref, metrics=tuple(m for m in metric_list.split(",") if m),
-                      sampler=sampler, steps=steps, spacing=spacing, eta=eta,
-                      guidance=guidance,
-                      seeds=parse_int_list(seeds, "--seeds"),
-                      classes=parse_int_list(classes, "--classes") if classes else None, batch_size=batch_size,
-                      bf16=bf16, device=device, inception_backend=inception_backend)
+    result = evaluate(source, data_spec=data_spec, ref=ref, metrics=metric_names,
+                      sampler=sampler, steps=steps, spacing=spacing, eta=eta, guidance=guidance, seeds=seed_list,
+                      classes=class_list, batch_size=batch_size, bf16=bf16, device=device,
+                      inception_backend=inception_backend)
     if out:
         write_json(out, result)
     click.echo(summary_line(result))
     if out:
         click.echo(f"wrote {out}")
+
+
+def _check_sampling(sampler: str, eta: float | None) -> None:
+    from distill.samplers import check_sampler_options  # imports torch: called once the command runs
+
+    check_sampler_options(sampler, eta)
 
 
 def _interrupted(e: BaseException) -> None:

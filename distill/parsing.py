@@ -4,25 +4,66 @@ from __future__ import annotations
 
 from distill.errors import UsageError
 
+# The longest list one option may expand to (``--seeds 0-999999`` is a million samples). Ranges are counted
+# before they are expanded, so ``--seeds 0-10000000000`` is refused at once instead of filling the memory.
+MAX_LIST = 1_000_000
+# Seeds seed torch generators and are stored as int64 in ``samples.npz``: 0 <= seed < 2**63.
+SEED_MAX = 2**63 - 1
 
-def parse_int_list(text: str, option: str, allow_empty: bool = False) -> list[int]:
-    """``"0-3,7,9-10"`` -> ``[0, 1, 2, 3, 7, 9, 10]``; ``option`` names the flag in the error message."""
-    out: list[int] = []
-    try:
-        for part in text.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            lo, sep, hi = part.partition("-")
-            if sep:
-                a, b = int(lo), int(hi)
-                if b < a:
-                    raise ValueError
-                out.extend(range(a, b + 1))
-            else:
-                out.append(int(part))
-    except ValueError:
-        raise UsageError(f"{option} {text!r}: expected integers and ranges like 0-63 or 1,2,5-9") from None
-    if not out and not allow_empty:
+
+def parse_int_list(text: str, option: str, allow_empty: bool = False, lo: int | None = None,
+                   hi: int | None = None, max_count: int = MAX_LIST, bounds: str | None = None) -> list[int]:
+    """``"0-3,7,9-10"`` -> ``[0, 1, 2, 3, 7, 9, 10]``; ``option`` names the flag in the error message.
+
+    Values outside ``[lo, hi]`` and lists longer than ``max_count`` are refused before anything is expanded."""
+    bounds = bounds or (f"values must lie in {lo}-{hi}" if lo is not None and hi is not None else
+                        f"values must be >= {lo}" if lo is not None else f"values must be <= {hi}")
+    spans: list[tuple[int, int]] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if part.startswith("-") and lo is not None and lo >= 0:
+            raise UsageError(f"{option} {text!r}: negative numbers are not allowed; {bounds}")
+        try:
+            first, sep, last = part.partition("-")
+            a = int(first)
+            b = int(last) if sep else a
+        except ValueError:
+            raise UsageError(f"{option} {text!r}: expected integers and ranges like 0-63 or 1,2,5-9") from None
+        if b < a:
+            raise UsageError(f"{option} {text!r}: range {part} runs backwards; write it as {b}-{a}")
+        if (lo is not None and a < lo) or (hi is not None and b > hi):
+            raise UsageError(f"{option} {text!r}: out of range; {bounds}")
+        spans.append((a, b))
+    count = sum(b - a + 1 for a, b in spans)
+    if count > max_count:
+        raise UsageError(f"{option} {text!r}: {count:,} values, more than the {max_count:,} one run takes; "
+                         "split the work into several runs")
+    if not count and not allow_empty:
         raise UsageError(f"{option} is empty: give integers and ranges like 0-63")
+    out: list[int] = []
+    for a, b in spans:
+        out.extend(range(a, b + 1))
     return out
+
+
+def parse_seeds(text: str, option: str = "--seeds") -> list[int]:
+    """Per-sample seeds: 0 <= seed < 2**63, at most :data:`MAX_LIST` of them."""
+    return parse_int_list(text, option, lo=0, hi=SEED_MAX, bounds="seeds must satisfy 0 <= seed < 2**63")
+
+
+def parse_names(text: str, option: str, choices: tuple[str, ...]) -> tuple[str, ...]:
+    """``"fd, kid,FD"`` -> ``("fd", "kid")``: a comma-separated list of names from ``choices``, in order, once each."""
+    names: list[str] = []
+    for part in str(text).split(","):
+        name = part.strip().lower()
+        if not name:
+            continue
+        if name not in choices:
+            raise UsageError(f"{option}: unknown {part.strip()}; choose from {', '.join(choices)}")
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise UsageError(f"{option} is empty: give one or more of {', '.join(choices)}")
+    return tuple(names)

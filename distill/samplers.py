@@ -314,14 +314,24 @@ def steps_for_nfe(sampler: str, evaluations: int, schedule: Schedule, spacing: s
     return steps
 
 
+def check_sampler_options(sampler: str, eta: float | None = None) -> None:
+    """Refuse an unknown sampler and an ``eta`` given to a sampler that does not take it (one rule for the CLI,
+    the Python API and the benchmarks), as a one-line :class:`~distill.errors.UsageError`."""
+    from distill.errors import UsageError
+
+    if sampler not in SAMPLERS:
+        raise UsageError(f"--sampler {sampler!r}: unknown; use one of {', '.join(SAMPLERS)}")
+    if eta is not None and sampler != "ddim":
+        raise UsageError(f"--eta: only the ddim sampler takes eta, not {sampler}; drop --eta or pass --sampler ddim")
+    if eta is not None and not 0.0 <= eta <= 1.0:
+        raise UsageError(f"--eta {eta}: must lie in [0, 1]")
+
+
 def generate(denoise, shape: Sequence[int], seeds: Sequence[int], *, sampler: str = "ddim", steps: int = 50,
              spacing: str | None = None, cond=None, device="cpu", dtype=torch.float32, progress: bool = False,
              eta: float | None = None, schedule: Schedule | None = None) -> Tensor:
     """Draw one sample per seed: prior noise, timesteps, sampler; the common path of CLI and benchmarks."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
-    if eta is not None and sampler != "ddim":
-        raise ValueError(f"eta is a DDIM setting; sampler {sampler!r} does not take it")
+    check_sampler_options(sampler, eta)
     schedule = _schedule(denoise, schedule)
     generator = PerSampleGenerator(seeds)
     ts = make_timesteps(schedule, steps, spacing or DEFAULT_SPACING[sampler])

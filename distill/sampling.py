@@ -13,7 +13,7 @@ from torch import Tensor
 from distill.checkpoint import atomic_write, card_guidance, load_denoiser
 from distill.denoiser import Cond
 from distill.errors import UsageError
-from distill.samplers import generate
+from distill.samplers import check_sampler_options, generate
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -53,6 +53,9 @@ def draw_samples(den, *, sampler: str, steps: int, seeds: list[int], classes: li
     model by default): uint8 NHWC images and the requested labels. ``bf16`` runs the network under autocast.
     ``guidance=None`` takes the model card's default weight (0 when it has none)."""
     guidance = card_guidance(getattr(den, "metadata", {}), guidance)
+    if not math.isfinite(guidance):
+        raise UsageError(f"--guidance {guidance}: the guidance weight must be a finite number")
+    check_sampler_options(sampler, eta)
     num_classes = den.net.config.num_classes
     if classes is not None and not num_classes:
         raise UsageError(f"--classes: {source} is unconditional; drop --classes")
@@ -79,6 +82,10 @@ def sample_to_files(checkpoint: Path, out: Path, *, sampler: str, steps: int, sp
                     eta: float | None, guidance: float | None, classes: list[int] | None, seeds: list[int],
                     batch_size: int, device: str = "cpu", bf16: bool = False) -> tuple[Path, Path]:
     """Sample one image per seed and write ``grid.png`` and ``samples.npz`` (images, labels, seeds) to ``out``."""
+    from distill.preflight import check_device, check_output_dir
+
+    check_device(device)
+    check_output_dir(out, "--out")
     den = load_denoiser(checkpoint, device)
     guidance = card_guidance(den.metadata, guidance)
     images, labels = draw_samples(den, sampler=sampler, steps=steps, seeds=seeds, classes=classes,

@@ -57,6 +57,11 @@ def build_teacher(*, data_spec: str, image_size: int | None, unconditional: bool
     lowest = h // 2 ** (len(mult) - 1)
     if attn_res is not None:  # an empty --attn means no attention
         attn = tuple(parse_int_list(attn_res, "--attn", allow_empty=True))
+        levels = [h // 2**i for i in range(len(mult))]
+        missing = [r for r in attn if r not in levels]
+        if missing:
+            raise UsageError(f"--attn {attn_res}: no level of this UNet is {missing[0]}x{missing[0]}; its levels are "
+                             f"{', '.join(map(str, levels))}")
     else:
         attn = (lowest,)  # attention only where it is cheap: 16x16 attention tripled the step time at 32 px
     num_classes = 0 if unconditional or data.labels is None else data.num_classes
@@ -100,6 +105,8 @@ def publish(run: Path | str, dest: Path, *, guidance: float, data_spec: str | No
 
     if not math.isfinite(guidance):
         raise UsageError(f"--guidance {guidance}: the default guidance weight must be a finite number")
+    if Path(dest).suffix != ".safetensors":
+        raise UsageError(f"DEST {dest}: a model file must end in .safetensors (shipped models load by that name)")
     src = resolve_model_path(run)
     tensors, meta = load_tensors(src)
     data = dict(meta.get("data") or {})
@@ -107,6 +114,8 @@ def publish(run: Path | str, dest: Path, *, guidance: float, data_spec: str | No
         data["spec"] = data_spec
     if not data.get("spec"):
         raise UsageError(f"{src}: does not record its training data; pass --data")
+    if data_spec:
+        load_dataset(data_spec)  # an unknown or unreadable --data fails here, not later in distill eval
     meta = {**meta, "data": data, "card": {**(meta.get("card") or {}), "guidance": guidance}}
     validate_model(tensors, meta, src)  # a complete config that loads, finite weights: before anything is written
     save_tensors(dest, tensors, meta)

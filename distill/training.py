@@ -75,6 +75,7 @@ class TrainConfig:
             (self.grad_clip >= 0, "--grad-clip must be >= 0 (0 disables clipping)"),
             (self.ckpt_every >= 1, "--ckpt-every must be >= 1"),
             (self.log_every >= 1, "--log-every must be >= 1"),
+            (0 <= self.seed < 2**32, "--seed must be in 0 to 2**32 - 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -99,7 +100,7 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor
     epochs, offsets = pos // n, pos % n
     out = torch.empty_like(pos)
     for e in epochs.unique().tolist():
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + e))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed((seed * 100_003 + e) % 2**32))
         sel = epochs == e
         out[sel] = perm[offsets[sel]]
     return out

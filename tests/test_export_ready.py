@@ -8,6 +8,7 @@ import torch
 
 from distill.checkpoint import load_denoiser
 from distill.denoiser import Cond, Denoiser, DenoiserGraph
+from distill.errors import UsageError
 from distill.models.unet import UNet, UNetConfig, with_guidance_embedding
 from distill.oracles import GaussianDenoiser, example_gaussian
 from distill.parameterization import consistency_scalings
@@ -224,5 +225,5 @@ def test_samplers_take_the_schedule_explicitly_so_a_backend_can_stand_in():
         assert torch.equal(out, ref)
     with pytest.raises(ValueError, match="schedule"):
         generate(backend, (3,), range(2), sampler="ddim", steps=2)
-    with pytest.raises(ValueError, match="eta"):
+    with pytest.raises(UsageError, match="eta"):
         generate(oracle, (3,), range(2), sampler="heun", steps=2, eta=0.5)

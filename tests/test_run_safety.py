@@ -264,8 +264,14 @@ def test_publish_refuses_a_non_finite_guidance_weight(tmp_path, distill_main):
 def test_two_processes_draw_different_noise(tmp_path):
     """``accelerate launch`` with two CPU processes: each rank's loss records its noise, timesteps, label-drop draws
     and global RNG; the data shards differ by construction, the draws must too."""
+    import socket
+
+    with socket.socket() as s:  # a free port, not accelerate's fixed default (another run may hold it)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     res = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--main_process_port", str(port),
                           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "tests" / "dp_probe.py"),
                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
