@@ -118,9 +118,10 @@ def non_finite(tensors: dict[str, Tensor]) -> list[str]:
     return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
-def validate_model(tensors: dict[str, Tensor], meta: dict[str, Any], path: Path | str) -> None:
-    """What every command that writes a model checks first: a complete config that builds a denoiser, weights that
-    load into it, all finite, and a finite default guidance weight. Raises :class:`UsageError` naming ``path``."""
+def validate_model(tensors: dict[str, Tensor], meta: dict[str, Any], path: Path | str):
+    """What every command that writes (or reads) a model checks first: a complete config that builds a denoiser,
+    weights that load into it, all finite, and a finite default guidance weight. Raises :class:`UsageError` naming
+    ``path``; returns the denoiser with the weights loaded."""
     import math
 
     if meta.get("format") != MODEL_FORMAT:
@@ -137,6 +138,7 @@ def validate_model(tensors: dict[str, Tensor], meta: dict[str, Any], path: Path 
         den.net.load_state_dict(tensors)
     except RuntimeError as e:
         raise UsageError(f"{path}: weights do not match its config ({str(e).splitlines()[0]})") from None
+    return den
 
 
 def build_denoiser(meta: dict[str, Any], source: str = "checkpoint"):
@@ -196,9 +198,7 @@ def load_denoiser(path: Path | str, device: str = "cpu"):
     if meta.get("format") != MODEL_FORMAT:
         raise UsageError(f"{path}: not a distill model file (format {meta.get('format')!r}); "
                          "pass the model.safetensors of a run")
-    validate_model(tensors, meta, path)
-    den = build_denoiser(meta, str(path))
-    den.net.load_state_dict(tensors)
+    den = validate_model(tensors, meta, path)
     den.metadata = meta
     return den.to(device).eval()
 

@@ -76,7 +76,8 @@ def time_input(schedule: Schedule, t: Tensor, convention: str) -> Tensor:
 
 
 def batch_times(t: Tensor | float, x_t: Tensor) -> Tensor:
-    """``t`` (a float, a scalar or a ``(B,)`` tensor) as a float32 ``(B,)`` tensor on ``x_t``'s device."""
+    """``t`` (a float, a scalar or a ``(B,)`` tensor) as a float32 ``(B,)`` tensor on ``x_t``'s device (also used
+    for the guidance weight ``w``)."""
     return torch.as_tensor(t, device=x_t.device).to(torch.float32).reshape(-1).expand(x_t.shape[0])
 
 
@@ -134,8 +135,7 @@ class Denoiser(nn.Module):
         cond = cond if cond is not None else Cond()
         if self.guidance_input:
             # One evaluation: the network gives the guided output itself; no guidance without labels.
-            w = cond.guidance if cond.labels is not None else 0.0
-            w = torch.as_tensor(w, device=x_t.device).to(torch.float32).reshape(-1).expand(x_t.shape[0])
+            w = batch_times(cond.guidance if cond.labels is not None else 0.0, x_t)  # float32 (B,), as t
             return self._x0(x_t, t, cond.labels, w)
         if not cond.guided:
             return self._x0(x_t, t, cond.labels)

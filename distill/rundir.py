@@ -2,7 +2,7 @@
 
 A training run (and later a recipe stage) owns its directory while it runs. The lock is an advisory ``flock`` on
 ``DIR/.lock``, released by the kernel when the process dies however it dies, so a crashed run never leaves a stale
-lock. Temp files of :func:`distill.checkpoint.atomic_write` (``.NAME.XXXX.tmp``) left by a killed process are
+lock. Temp files of :func:`distill.checkpoint.atomic_write` (``.NAME.<random>.tmp``) left by a killed process are
 removed by the next run, under the lock.
 """
 
