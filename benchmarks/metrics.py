@@ -167,22 +167,26 @@ def _inception_session(channels: int):
     try:
         _export_inception(path, channels)
     except UsageError as e:  # the cache cannot be written: export to a temporary folder, use it once
-        import sys
         import tempfile
 
-        print(f"note: {e}; set DISTILL_CACHE to a writable folder to keep the exported network", file=sys.stderr)
+        _note(f"{e}; set DISTILL_CACHE to a writable folder to keep the exported network")
         with tempfile.TemporaryDirectory() as tmp:
             _export_inception(Path(tmp) / path.name, channels)
             return ort.InferenceSession(str(Path(tmp) / path.name), options, providers=["CPUExecutionProvider"])
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _cache_note(path: Path, error: BaseException) -> None:
-    """Say (one line on stderr) that a cache entry was unreadable and is being rebuilt."""
+def _note(text: str) -> None:
+    """One ``note:`` line on stderr: the cache misbehaved, the result is unaffected."""
     import sys
 
+    print(f"note: {text}", file=sys.stderr)
+
+
+def _cache_note(path: Path, error: BaseException) -> None:
+    """Say that a cache entry was unreadable and is being rebuilt."""
     reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
-    print(f"note: {path}: unreadable cache entry ({reason}); recomputing it", file=sys.stderr)
+    _note(f"{path}: unreadable cache entry ({reason}); recomputing it")
 
 
 def domain_extractor(dataset: str, device: str = "cpu") -> Extractor:
@@ -254,9 +258,7 @@ def reference_features(data, split: str, extractor: Extractor, progress: bool = 
     try:
         atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in feats.items()}, tmp))
     except UsageError as e:  # an unwritable cache costs time, not the result
-        import sys
-
-        print(f"note: {e}; set DISTILL_CACHE to a writable folder to keep reference features", file=sys.stderr)
+        _note(f"{e}; set DISTILL_CACHE to a writable folder to keep reference features")
     return feats
 
 
