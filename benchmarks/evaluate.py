@@ -42,7 +42,7 @@ def default_data(source: str) -> str | None:
 
 
 def evaluate(source: str, *, data_spec: str | None = None, ref: str = "A", metrics: tuple[str, ...] | None = None,
-             sampler: str = "dpmpp_2m", steps: int = 20, spacing: str | None = None, eta: float | None = None,
+             sampler: str | None = None, steps: int | None = None, spacing: str | None = None, eta: float | None = None,
              guidance: float | None = None, seeds: list[int] | None = None, classes: list[int] | None = None,
              batch_size: int = 250, bf16: bool = False, device: str = "cpu", inception_backend: str = "onnxruntime",
              progress: bool = True, quality: Quality | None = None, denoiser=None) -> dict:
@@ -109,10 +109,11 @@ def evaluate(source: str, *, data_spec: str | None = None, ref: str = "A", metri
         quality = quality.without("acc")
     quality.check_sizes(len(seeds) if images is None else len(images), what, fix)
     if den is not None:
-        from distill.checkpoint import card_guidance
+        from distill.checkpoint import card_guidance, card_sampling
         from distill.sampling import draw_samples
 
         guidance = card_guidance(den.metadata, guidance)
+        sampler, steps, spacing, _ = card_sampling(getattr(den, "metadata", {}), sampler, steps, spacing)
         start = time.perf_counter()
         images, labels = draw_samples(den, sampler=sampler, steps=steps, seeds=seeds, classes=classes,
                                       guidance=guidance, spacing=spacing, eta=eta, batch_size=batch_size,

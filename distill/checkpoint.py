@@ -191,6 +191,23 @@ def card_guidance(meta: dict[str, Any], guidance: float | None = None) -> float:
     return float((meta.get("card") or {}).get("guidance", 0.0) if guidance is None else guidance)
 
 
+DEFAULT_SAMPLER, DEFAULT_STEPS = "dpmpp_2m", 20
+
+
+def card_sampling(meta: dict[str, Any], sampler: str | None = None, steps: int | None = None,
+                  spacing: str | None = None) -> tuple[str, int, str | None, list[float] | None]:
+    """``(sampler, steps, spacing, timesteps)`` to sample a model with: what the user gave, else what its card
+    names (a distilled student's own sampler, step count and exact timesteps), else DPM-Solver++(2M) at 20 steps.
+    The card's exact timesteps are used whenever the sampler, step count and spacing are the card's."""
+    card = meta.get("card") or {}
+    sampler = sampler or card.get("sampler") or DEFAULT_SAMPLER
+    steps = steps or (card.get("steps") if sampler == card.get("sampler") else None) or DEFAULT_STEPS
+    own = sampler == card.get("sampler") and steps == card.get("steps") and spacing in (None, card.get("spacing"))
+    if own:
+        return sampler, steps, card.get("spacing"), card.get("timesteps")
+    return sampler, steps, spacing, None
+
+
 def load_denoiser(path: Path | str, device: str = "cpu"):
     """Load a model file, a run directory holding ``model.safetensors``, or a shipped model by name (``mnist``)."""
     path = resolve_model_path(path)

@@ -121,8 +121,9 @@ def sampling_options(command):
     """The sampler settings shared by ``sample`` and ``eval``."""
     for option in reversed([
         click.option("--sampler", type=click.Choice(["ddpm", "ddim", "euler", "heun", "dpmpp_2m"]),
-                     default="dpmpp_2m"),
-        click.option("--steps", type=click.IntRange(1, 10000), default=20, metavar="N", help="Sampler steps."),
+                     default=None, help="Sampler [default: the model card's (a student's own), else dpmpp_2m]."),
+        click.option("--steps", type=click.IntRange(1, 10000), default=None, metavar="N",
+                     help="Sampler steps [default: the model card's (a student's own), else 20]."),
         click.option("--spacing", type=click.Choice(["uniform", "karras", "logsnr"]), default=None,
                      help="Timestep spacing [default: the sampler's usual one]."),
         click.option("--eta", type=Finite(0, 1), default=None, help="DDIM eta (0 = deterministic; ddim only)."),
@@ -231,6 +232,85 @@ def teacher_publish(run, dest, guidance, data_spec):
 
     check_output_file(dest, "DEST")
     click.echo(f"wrote {publish(run, dest, guidance=guidance, data_spec=data_spec)}")
+
+
+@cli.command("progressive")
+@config_option("progressive")
+@click.argument("teacher", metavar="TEACHER", required=False, callback=_non_empty)
+@click.option("--out", type=NonEmptyPath(file_okay=False, path_type=Path), required=True, metavar="DIR",
+              help="Run directory: one sub-folder per stage (guidance/, steps-32/, ... steps-1/).")
+@click.option("--data", "data_spec", default=None, metavar="SPEC",
+              help="Training images [default: the teacher's training data].")
+@click.option("--start-steps", type=click.IntRange(2, 1 << 20), default=64, metavar="N",
+              help="The teacher's DDIM step count where it has converged; round 1 distills it into N/2 steps.")
+@click.option("--target-steps", type=click.IntRange(1, 1 << 19), default=1, metavar="N",
+              help="Halve until the student samples in N steps.")
+@click.option("--round-steps", default="1000", metavar="LIST",
+              help="Optimizer steps per round, in round order (the last value repeats), e.g. 200,400,800.")
+@click.option("--guidance-range", default=None, metavar="LO,HI",
+              help="Guidance distillation first: a student taking w as an input, for every w in [LO, HI].")
+@click.option("--guidance-steps", type=click.IntRange(1, 10**9), default=1000, metavar="N",
+              help="Optimizer steps of the guidance stage.")
+@click.option("--guidance", type=Finite(), default=None, metavar="W",
+              help="Without --guidance-range: the fixed guidance weight distilled into the student [default: the "
+                   "teacher card's].")
+@click.option("--prediction", type=click.Choice(["v", "x0"]), default=None,
+              help="What the student predicts [default: the teacher's; v for an eps teacher].")
+@click.option("--label-dropout", type=Finite(0, 1), default=0.0,
+              help="Probability of distilling an example with the null class.")
+@click.option("--lr", type=Finite(min=0, min_open=True), default=1e-4, help="Adam learning rate, decayed "
+              "linearly to 0 within each round.")
+@click.option("--batch-size", type=click.IntRange(1, 65536), default=128, metavar="B")
+@click.option("--warmup", type=click.IntRange(0, 10**9), default=0, metavar="N", help="Warmup steps per round.")
+@click.option("--grad-clip", type=Finite(0), default=1.0)
+@click.option("--bf16/--no-bf16", default=False, help="bf16 autocast (fast on CPUs with AMX).")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0)
+@click.option("--ckpt-every", type=click.IntRange(1, 10**9), default=100, metavar="N")
+@click.option("--threads", type=click.IntRange(1), default=None, callback=_threads,
+              help="torch CPU threads (at most 4 per core).")
+def progressive(teacher, out, data_spec, start_steps, target_steps, round_steps, guidance_range,
+                guidance_steps, guidance, prediction, label_dropout, lr, batch_size, warmup, grad_clip, bf16, seed,
+                ckpt_every, threads):
+    """Progressive distillation (Salimans & Ho 2022): halve the teacher's step count round by round.
+
+    Each round trains a student (starting as the previous round's model) so that one of its DDIM steps equals two
+    of its teacher's. With --guidance-range, a first stage (Meng et al. 2023) makes a student that takes the
+    guidance weight w as an input, and every round draws w per example: one few-step student for the whole
+    range, one network evaluation per step. Every stage writes a model file with a student card (method,
+    parent, parameterization, schedule, its sampler and exact timesteps), which distill sample and distill eval
+    use by default. Run the same command again to continue an interrupted run.
+
+    \b
+    Example:
+      distill progressive mnist --out runs/mnist-pd --start-steps 64 --target-steps 1 --bf16
+      distill progressive --config recipes/mnist-students.yaml
+      distill sample runs/mnist-pd/steps-4 --seeds 0-99
+    """
+    if teacher is None:
+        raise UsageError("missing TEACHER: give a model file, run directory or shipped name (e.g. mnist), or "
+                         "'teacher:' in the --config file")
+    from distill.preflight import check_output_dir
+
+    check_output_dir(out, "--out")
+    rounds = tuple(parse_int_list(round_steps, "--round-steps", lo=1, max_count=64))
+    if not rounds:
+        raise UsageError("--round-steps is empty; give one step count or one per round, e.g. 200,400,800")
+    from distill.parsing import parse_float_pair
+
+    grange = parse_float_pair(guidance_range, "--guidance-range") if guidance_range is not None else None
+    from distill.distillation import ProgressiveOptions, distill_progressive
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    opts = ProgressiveOptions(start_steps=start_steps, target_steps=target_steps, round_steps=rounds,
+                              guidance_range=grange, guidance_steps=guidance_steps, guidance=guidance,
+                              prediction=prediction, label_dropout=label_dropout, lr=lr, batch_size=batch_size,
+                              warmup=warmup, grad_clip=grad_clip, bf16=bf16, seed=seed, ckpt_every=ckpt_every)
+    paths = distill_progressive(teacher, out, opts, data_spec=data_spec,
+                                command=" ".join(["distill", *sys.argv[1:]]), log=click.echo)
+    click.echo(f"students: {', '.join(str(p) for p in paths)}")
 
 
 @cli.command("sample")

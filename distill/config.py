@@ -61,6 +61,8 @@ def config_option(section: str):
             if isinstance(p, click.Option) and p.name != "config":
                 for flag in p.opts:
                     names[flag.lstrip("-").replace("-", "_")] = p.name
+            elif isinstance(p, click.Argument):  # an argument by its name, e.g. 'teacher:'
+                names[p.name] = p.name
         params = {p.name: p for p in ctx.command.params}
         defaults = {}
         for key, v in values.items():

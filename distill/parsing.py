@@ -67,3 +67,17 @@ def parse_names(text: str, option: str, choices: tuple[str, ...]) -> tuple[str, 
     if not names:
         raise UsageError(f"{option} is empty: give one or more of {', '.join(choices)}")
     return tuple(names)
+
+
+def parse_float_pair(text: str, option: str) -> tuple[float, float]:
+    """``"0,4"`` -> ``(0.0, 4.0)``: two finite numbers, the first not above the second."""
+    import math
+
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        lo, hi = (float(p) for p in parts)
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: expected two numbers LO,HI, e.g. 0,4") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
+        raise UsageError(f"{option} {text!r}: expected two finite numbers LO,HI with LO <= HI, e.g. 0,4")
+    return lo, hi

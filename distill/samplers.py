@@ -314,14 +314,15 @@ def steps_for_nfe(sampler: str, evaluations: int, schedule: Schedule, spacing: s
     return steps
 
 
-def check_sampler_options(sampler: str, eta: float | None = None) -> None:
+def check_sampler_options(sampler: str | None, eta: float | None = None) -> None:
     """Refuse an unknown sampler and an ``eta`` given to a sampler that does not take it (one rule for the CLI,
-    the Python API and the benchmarks), as a one-line :class:`~distill.errors.UsageError`."""
+    the Python API and the benchmarks), as a one-line :class:`~distill.errors.UsageError`. ``None`` (the model
+    card's sampler, not yet known) is checked again once resolved."""
     from distill.errors import UsageError
 
-    if sampler not in SAMPLERS:
+    if sampler is not None and sampler not in SAMPLERS:
         raise UsageError(f"--sampler {sampler!r}: unknown; use one of {', '.join(SAMPLERS)}")
-    if eta is not None and sampler != "ddim":
+    if eta is not None and sampler is not None and sampler != "ddim":
         raise UsageError(f"--eta: only the ddim sampler takes eta, not {sampler}; drop --eta or pass --sampler ddim")
     if eta is not None and not 0.0 <= eta <= 1.0:
         raise UsageError(f"--eta {eta}: must lie in [0, 1]")
@@ -329,12 +330,19 @@ def check_sampler_options(sampler: str, eta: float | None = None) -> None:
 
 def generate(denoise, shape: Sequence[int], seeds: Sequence[int], *, sampler: str = "ddim", steps: int = 50,
              spacing: str | None = None, cond=None, device="cpu", dtype=torch.float32, progress: bool = False,
-             eta: float | None = None, schedule: Schedule | None = None) -> Tensor:
-    """Draw one sample per seed: prior noise, timesteps, sampler; the common path of CLI and benchmarks."""
+             eta: float | None = None, schedule: Schedule | None = None,
+             timesteps: Sequence[float] | None = None) -> Tensor:
+    """Draw one sample per seed: prior noise, timesteps, sampler; the common path of CLI and benchmarks.
+    ``timesteps`` (``steps + 1`` decreasing times ending at 0, e.g. a student card's) replace the spacing."""
     check_sampler_options(sampler, eta)
     schedule = _schedule(denoise, schedule)
     generator = PerSampleGenerator(seeds)
-    ts = make_timesteps(schedule, steps, spacing or DEFAULT_SPACING[sampler])
+    if timesteps is not None:
+        ts = torch.as_tensor(list(timesteps), dtype=torch.float64)
+        if len(ts) != steps + 1 or float(ts[-1]) != 0.0 or bool((ts[1:] >= ts[:-1]).any()):
+            raise ValueError(f"timesteps must be {steps + 1} decreasing times ending at 0")
+    else:
+        ts = make_timesteps(schedule, steps, spacing or DEFAULT_SPACING[sampler])
     x = prior_sample(schedule, generator, shape, float(ts[0]), device=device, dtype=dtype)
     kwargs = {"eta": eta} if eta is not None else {}
     return SAMPLERS[sampler](denoise, x, ts, schedule=schedule, cond=cond, generator=generator, progress=progress,

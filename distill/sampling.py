@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from distill.checkpoint import atomic_write, card_guidance, load_denoiser
+from distill.checkpoint import atomic_write, card_guidance, card_sampling, load_denoiser
 from distill.denoiser import Cond
 from distill.errors import UsageError
 from distill.samplers import check_sampler_options, generate
@@ -45,14 +45,19 @@ def save_png(path: Path, array: np.ndarray) -> None:
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
-def draw_samples(den, *, sampler: str, steps: int, seeds: list[int], classes: list[int] | None = None,
+def draw_samples(den, *, sampler: str | None = None, steps: int | None = None, seeds: list[int],
+                 classes: list[int] | None = None,
                  guidance: float | None = None, spacing: str | None = None, eta: float | None = None,
                  batch_size: int = 256, device: str = "cpu", bf16: bool = False, progress: bool = True,
                  source: str = "the model") -> tuple[np.ndarray, Tensor | None]:
     """One sample per seed from a loaded denoiser, classes cycled over the seeds (all classes of a conditional
     model by default): uint8 NHWC images and the requested labels. ``bf16`` runs the network under autocast.
-    ``guidance=None`` takes the model card's default weight (0 when it has none)."""
-    guidance = card_guidance(getattr(den, "metadata", {}), guidance)
+    ``guidance=None`` takes the model card's default weight (0 when it has none); ``sampler``, ``steps`` and
+    ``spacing`` left ``None`` take the card's (a student's own sampler and exact timesteps, see
+    :func:`~distill.checkpoint.card_sampling`)."""
+    meta = getattr(den, "metadata", {})
+    guidance = card_guidance(meta, guidance)
+    sampler, steps, spacing, timesteps = card_sampling(meta, sampler, steps, spacing)
     if not math.isfinite(guidance):
         raise UsageError(f"--guidance {guidance}: the guidance weight must be a finite number")
     check_sampler_options(sampler, eta)
@@ -74,11 +79,11 @@ def draw_samples(den, *, sampler: str, steps: int, seeds: list[int], classes: li
             sl = slice(start, start + batch_size)
             cond = Cond(labels[sl].to(device) if labels is not None else None, guidance)
             chunks.append(generate(den, shape, seeds[sl], sampler=sampler, steps=steps, spacing=spacing, cond=cond,
-                                   device=device, eta=eta, progress=progress).float().cpu())
+                                   device=device, eta=eta, progress=progress, timesteps=timesteps).float().cpu())
     return to_uint8(torch.cat(chunks)), labels
 
 
-def sample_to_files(checkpoint: Path, out: Path, *, sampler: str, steps: int, spacing: str | None,
+def sample_to_files(checkpoint: Path, out: Path, *, sampler: str | None, steps: int | None, spacing: str | None,
                     eta: float | None, guidance: float | None, classes: list[int] | None, seeds: list[int],
                     batch_size: int, device: str = "cpu", bf16: bool = False) -> tuple[Path, Path]:
     """Sample one image per seed and write ``grid.png`` and ``samples.npz`` (images, labels, seeds) to ``out``."""
@@ -88,6 +93,7 @@ def sample_to_files(checkpoint: Path, out: Path, *, sampler: str, steps: int, sp
     check_output_dir(out, "--out")
     den = load_denoiser(checkpoint, device)
     guidance = card_guidance(den.metadata, guidance)
+    sampler, steps, spacing, _ = card_sampling(den.metadata, sampler, steps, spacing)
     images, labels = draw_samples(den, sampler=sampler, steps=steps, seeds=seeds, classes=classes,
                                   guidance=guidance, spacing=spacing, eta=eta, batch_size=batch_size,
                                   device=device, bf16=bf16, source=str(checkpoint))

@@ -304,12 +304,12 @@ class Trainer:
         flag = torch.tensor([self._stop or 0], device=self.accelerator.device)
         return int(self.accelerator.reduce(flag, reduction="max")) or None
 
-    def fit(self, progress: bool = True) -> dict[str, float]:
+    def fit(self, progress: bool = True, desc: str = "train") -> dict[str, float]:
         """Train to ``cfg.steps``, checkpointing every ``ckpt_every`` steps, at the end and when stopped by a
         signal (then :class:`KeyboardInterrupt` or :class:`~distill.errors.Terminated` is raised)."""
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="train", dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc=desc, dynamic_ncols=True)
         last: dict[str, float] = {}
         running, t0 = [], time.perf_counter()
         try:
@@ -338,19 +338,19 @@ class Trainer:
             bar.close()
         return last
 
-    def run(self, resume: bool = False, progress: bool = True) -> dict[str, float]:
+    def run(self, resume: bool = False, progress: bool = True, desc: str = "train") -> dict[str, float]:
         """Start (or with ``resume``, continue) the run in ``out``, holding the run directory's lock throughout."""
         self._check_run_dir(resume)  # before anything is created
         if not self.accelerator.is_main_process:
             if resume:
                 self.resume()
-            return self.fit(progress=False)
+            return self.fit(progress=False, desc=desc)
         with run_lock(self.out):
             self._check_run_dir(resume)  # again under the lock: another run may have started meanwhile
             remove_stale_temp_files(self.out)
             if resume:
                 self.resume()
-            return self.fit(progress)
+            return self.fit(progress, desc)
 
     def _check_run_dir(self, resume: bool) -> None:
         state = self.out / STATE_FILE

@@ -1,0 +1,274 @@
+"""Progressive and guidance distillation runs: the `distill progressive` command's logic.
+
+A run directory holds one training run per stage, each a complete :class:`~distill.training.Trainer` run
+(``model.safetensors`` with the student card, ``train_state.safetensors``, ``metrics.jsonl``):
+
+    OUT/plan.json          the settings, checked when the command is run again
+    OUT/guidance/          stage 0 (with a guidance range): the w-input student, sampled with the start grid
+    OUT/steps-32/ ...      one round per halving, down to OUT/steps-<target>/
+
+Stage ``k``'s teacher is stage ``k - 1``'s model file (frozen) and its student starts as a copy of it, so running
+the same command again skips finished stages and resumes the interrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from distill.errors import UsageError
+
+PLAN_FILE, PLAN_FORMAT = "plan.json", "distill.progressive/1"
+GUIDANCE_STAGE = "guidance"
+
+
+@dataclass
+class ProgressiveOptions:
+    """Settings of a progressive (and optionally guidance) distillation run."""
+
+    start_steps: int = 64  # the teacher's DDIM step count where it has converged: round 1 halves it
+    target_steps: int = 1
+    round_steps: tuple[int, ...] = (1000,)  # optimizer steps per round, in round order; the last value repeats
+    guidance_range: tuple[float, float] | None = None  # (lo, hi): guidance distillation first, w drawn per example
+    guidance_steps: int = 1000  # optimizer steps of the guidance stage
+    guidance: float | None = None  # without a range: the fixed w distilled into the student [teacher card's]
+    prediction: str | None = None  # the student's: v or x0 [the teacher's; v for an eps teacher]
+    label_dropout: float = 0.0
+    lr: float = 1e-4
+    batch_size: int = 128
+    warmup: int = 0
+    grad_clip: float = 1.0
+    bf16: bool = False
+    seed: int = 0
+    ckpt_every: int = 100
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        rounds = math.log2(self.start_steps / self.target_steps) if self.target_steps >= 1 else -1
+        if self.target_steps < 1 or rounds < 1 or rounds != int(rounds):
+            raise UsageError(f"--start-steps {self.start_steps} must be --target-steps {self.target_steps} times a "
+                             "power of 2 (at least 2), e.g. --start-steps 64 --target-steps 1")
+        if not self.round_steps or any(s < 1 for s in self.round_steps):
+            raise UsageError("--round-steps: give one step count >= 1, or one per round (e.g. 200,400,800)")
+        if self.guidance_range is not None:
+            lo, hi = self.guidance_range
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+                raise UsageError(f"--guidance-range {lo},{hi}: give LO,HI with LO <= HI, e.g. 0,4")
+            if self.guidance is not None:
+                raise UsageError("--guidance: with --guidance-range the student takes w as an input; drop --guidance")
+        if self.prediction not in (None, "v", "x0"):
+            raise UsageError(f"--prediction {self.prediction}: a few-step student predicts v or x0 (eps-prediction "
+                             "fails at few steps, Salimans & Ho 2022)")
+
+    def rounds(self) -> list[int]:
+        """The student step count of each round: start/2, start/4, ... target."""
+        out, n = [], self.start_steps
+        while n > self.target_steps:
+            n //= 2
+            out.append(n)
+        return out
+
+    def steps_of_round(self, k: int) -> int:
+        return self.round_steps[min(k, len(self.round_steps) - 1)]
+
+    def plan_record(self) -> dict[str, Any]:
+        """What must match when the command runs again (the target and checkpoint interval may change)."""
+        d = asdict(self)
+        d.pop("target_steps")
+        d.pop("ckpt_every")
+        return json.loads(json.dumps(d))
+
+
+@dataclass
+class Stage:
+    name: str  # "guidance" or "steps-N"
+    student_steps: int | None  # None: the guidance stage
+    train_steps: int
+
+
+def plan_stages(opts: ProgressiveOptions, guidance_stage: bool) -> list[Stage]:
+    stages = [Stage(GUIDANCE_STAGE, None, opts.guidance_steps)] if guidance_stage else []
+    return stages + [Stage(f"steps-{n}", n, opts.steps_of_round(k)) for k, n in enumerate(opts.rounds())]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def make_student(parent, *, guidance_input: bool, prediction: str, seed: int = 0):
+    """A student that starts as ``parent``: a copy of its network with dropout off (Salimans & Ho), plus a
+    zero-initialised ``w`` embedding when it should take the guidance weight as an input (its hidden layer drawn
+    from ``seed``, so a rerun builds the same student)."""
+    import torch
+
+    from distill.denoiser import Denoiser
+    from distill.models.unet import UNet, with_guidance_embedding
+
+    net = copy.deepcopy(parent.net)
+    if isinstance(net, UNet):
+        state = net.state_dict()
+        net = UNet(replace(net.config, dropout=0.0))
+        net.load_state_dict(state)
+        if guidance_input and not net.config.guidance_embed:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                net = with_guidance_embedding(net)
+    elif guidance_input and not parent.guidance_input:
+        raise UsageError("guidance distillation adds a w embedding to the native UNet only; this teacher's network "
+                         f"is a {type(net).__name__}")
+    for m in net.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return Denoiser(net.train(), copy.deepcopy(parent.schedule), prediction, parent.time_input, parent.null_label,
+                    guidance_input=guidance_input or parent.guidance_input)
+
+
+def student_card(*, stage: Stage, index: int, total: int, parent: str, parent_sha256: str, teacher: str,
+                 student, opts: ProgressiveOptions, guidance_default: float, guidance_range, baked: float | None,
+                 teacher_forwards: int) -> dict[str, Any]:
+    """What a student file tells its users: how it was made and how to sample it (exact timesteps)."""
+    from distill.samplers import make_timesteps
+
+    steps = stage.student_steps or opts.start_steps
+    card = {
+        "method": "guidance" if stage.student_steps is None else "progressive",
+        "stage": stage.name, "index": index, "stages": total, "parent": parent, "parent_sha256": parent_sha256,
+        "teacher": teacher, "parameterization": student.prediction, "schedule": student.schedule.config(),
+        "sampler": "ddim", "steps": steps, "spacing": "uniform",
+        "timesteps": [float(t) for t in make_timesteps(student.schedule, steps, "uniform")],
+        "guidance": guidance_default, "guidance_range": list(guidance_range) if guidance_range else None,
+        "compute": {"train_steps": stage.train_steps, "batch_size": opts.batch_size,
+                    "teacher_forwards_per_step": teacher_forwards},
+    }
+    if baked is not None:
+        card["distilled_guidance"] = baked
+    return card
+
+
+def _stage_done(stage_dir: Path, train_steps: int) -> bool:
+    from distill.checkpoint import read_metadata
+    from distill.training import MODEL_FILE, STATE_FILE
+
+    state = stage_dir / STATE_FILE
+    return state.exists() and (stage_dir / MODEL_FILE).exists() and int(read_metadata(state).get("step", -1)) >= \
+        train_steps
+
+
+def _check_plan(out: Path, record: dict[str, Any]) -> None:
+    from distill.checkpoint import atomic_write
+
+    path = out / PLAN_FILE
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise UsageError(f"{path}: unreadable; remove {out} or choose another --out") from None
+        if not isinstance(old, dict) or old.get("format") != PLAN_FORMAT:
+            raise UsageError(f"{path}: not a distill progressive plan; choose another --out")
+        for key in sorted(set(old) | set(record)):
+            if key != "format" and old.get(key) != record.get(key):
+                raise UsageError(f"{out}: holds a distillation with {key} = {old.get(key)!r}, not {record.get(key)!r};"
+                                 " run with the same settings to continue it, or choose another --out")
+        return
+    stray = [p.name for p in out.iterdir() if not p.name.startswith(".")]
+    if stray:
+        raise UsageError(f"{out}: is not empty and holds no distillation plan ({stray[0]}); choose another --out")
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps({"format": PLAN_FORMAT, **record}, indent=2)))
+
+
+def distill_progressive(teacher_spec: str, out: Path, opts: ProgressiveOptions, *, data_spec: str | None = None,
+                        command: str = "", progress: bool = True,
+                        log: Callable[[str], None] = print) -> list[Path]:
+    """Run (or continue) a progressive distillation of ``teacher_spec`` (a model file, run directory or shipped
+    name) into ``out``; returns the model file of every stage, in order."""
+    from distill.checkpoint import load_denoiser, resolve_model_path
+    from distill.data import load_dataset
+    from distill.losses import Loss
+    from distill.methods.progressive import GuidanceLoss, ProgressiveLoss
+    from distill.rundir import remove_stale_temp_files, run_lock
+    from distill.training import MODEL_FILE, STATE_FILE, TrainConfig, Trainer
+
+    opts.validate()
+    out = Path(out)
+    teacher_path = resolve_model_path(teacher_spec)
+    teacher = load_denoiser(teacher_path)
+    tcard = teacher.metadata.get("card") or {}
+    conditional = teacher.null_label is not None and bool(getattr(teacher.net, "config", None) and
+                                                         teacher.net.config.num_classes)
+    grange = opts.guidance_range
+    if grange is None and teacher.guidance_input:
+        grange = tuple(tcard.get("guidance_range") or (0.0, 0.0))
+    if grange is not None and not conditional:
+        raise UsageError(f"--guidance-range: {teacher_spec} is unconditional, so there is nothing to guide")
+    fixed = None if grange is not None else float(opts.guidance if opts.guidance is not None else
+                                                  tcard.get("guidance", 0.0))
+    if fixed and not conditional:
+        raise UsageError(f"--guidance: {teacher_spec} is unconditional, so it cannot be guided; drop --guidance")
+    baked = fixed if fixed else tcard.get("distilled_guidance")
+    prediction = opts.prediction or (teacher.prediction if teacher.prediction in ("v", "x0") else "v")
+    default_w = float(tcard.get("guidance", 0.0)) if grange is None else \
+        min(max(float(tcard.get("guidance", 0.0)), grange[0]), grange[1])
+    data_spec = data_spec or (teacher.metadata.get("data") or {}).get("spec")
+    if not data_spec:
+        raise UsageError(f"{teacher_spec}: does not record its training data; pass --data")
+    data = load_dataset(data_spec)
+    shape = (teacher.net.config.in_channels, teacher.net.config.image_size, teacher.net.config.image_size)
+    if tuple(data.shape) != shape:
+        raise UsageError(f"--data {data_spec}: images are {'x'.join(map(str, data.shape))} but {teacher_spec} "
+                         f"makes {'x'.join(map(str, shape))}; distill on the teacher's own data")
+    stages = plan_stages(opts, guidance_stage=grange is not None and not teacher.guidance_input)
+    record = {"teacher_sha256": file_sha256(teacher_path), "data": data_spec, **opts.plan_record()}
+    paths: list[Path] = []
+    with run_lock(out):
+        _check_plan(out, record)
+        remove_stale_temp_files(out)
+        parent_path, parent_name = teacher_path, str(teacher_spec)
+        for index, stage in enumerate(stages, 1):
+            stage_dir = out / stage.name
+            what = (f"stage {index}/{len(stages)} {stage.name}: " +
+                    ("w-input student over w in [{:g}, {:g}]".format(*grange) if stage.student_steps is None else
+                     f"{2 * stage.student_steps} -> {stage.student_steps} steps"))
+            if _stage_done(stage_dir, stage.train_steps):
+                log(f"{what}: done ({stage_dir / MODEL_FILE})")
+            else:
+                parent = load_denoiser(parent_path)
+                student = make_student(parent, guidance_input=grange is not None, prediction=prediction,
+                                       seed=opts.seed)
+                first = parent_path == teacher_path
+                w = grange if grange is not None else (fixed if first else 0.0)
+                loss: Loss = (GuidanceLoss(parent, grange, opts.label_dropout) if stage.student_steps is None else
+                              ProgressiveLoss(parent, stage.student_steps, w, opts.label_dropout))
+                branches = 2 if (not parent.guidance_input and (grange is not None or w)) else 1
+                per_step = (1 if stage.student_steps is None else 2) * branches
+                sha = file_sha256(parent_path)
+                card = student_card(stage=stage, index=index, total=len(stages), parent=parent_name,
+                                    parent_sha256=sha, teacher=str(teacher_spec), student=student, opts=opts,
+                                    guidance_default=default_w, guidance_range=grange, baked=baked,
+                                    teacher_forwards=per_step)
+                meta = {
+                    "model": {"arch": "unet", "config": student.net.config.to_dict()},
+                    "diffusion": {"schedule": student.schedule.config(), "prediction": student.prediction,
+                                  "time_input": student.time_input},
+                    "method": {**loss.describe(), "stage": stage.name, "parent_sha256": sha},
+                    "card": card, "command": command,
+                }
+                cfg = TrainConfig(steps=stage.train_steps, batch_size=opts.batch_size, lr=opts.lr,
+                                  warmup=opts.warmup, lr_decay="linear", grad_clip=opts.grad_clip, ema_decay=0.0,
+                                  bf16=opts.bf16, seed=opts.seed, ckpt_every=opts.ckpt_every)
+                resume = (stage_dir / STATE_FILE).exists()
+                log(f"{what}: {'resuming' if resume else 'training'} {stage.train_steps} steps")
+                Trainer(student, loss, data, cfg, stage_dir, meta).run(resume=resume, progress=progress,
+                                                                      desc=stage.name)
+            parent_path, parent_name = stage_dir / MODEL_FILE, str(stage_dir)
+            paths.append(parent_path)
+    return paths

@@ -1,0 +1,153 @@
+"""Progressive distillation (Salimans & Ho 2022, Algorithm 2) and guidance distillation (Meng et al. 2023), as
+loss objects over the generic trainer.
+
+**Progressive round** (:class:`ProgressiveLoss`): the student samples in ``N`` DDIM steps on the uniform grid
+``t_i = i / N``; it is trained so that one of its DDIM steps ``t -> s = t - 1/N`` lands where two DDIM steps of its
+teacher (the previous round's model, on the grid of ``2N``) land. With ``z_t = alpha_t x + sigma_t eps`` and the
+teacher's two steps ``t -> t - 1/(2N) -> s`` giving ``z~_s``, the x-target is the one that makes a single DDIM step
+exact:
+
+    x~ = (z~_s - (sigma_s / sigma_t) z_t) / (alpha_s - (sigma_s / sigma_t) alpha_t)
+
+(at ``s = 0`` this is the teacher's second x-prediction). The loss is the "truncated SNR" weighting
+``max(alpha_t^2 / sigma_t^2, 1) ||x_hat - x~||^2``.
+
+**Guidance stage** (:class:`GuidanceLoss`): a student that takes ``w`` as a network input learns the teacher's
+classifier-free-guided x-prediction ``(1 + w) x(z, c) - w x(z, null)`` at ``t ~ U(0, 1)``, ``w ~ U[w_lo, w_hi]``,
+with the same weighting. Progressive rounds on it then draw ``w`` per example, so every few-step student serves
+the whole guidance range in one network evaluation per step.
+
+Both hold their teacher frozen (reloaded from its file on resume, never saved with the run); any teacher behind
+the denoiser interface works.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from distill.denoiser import Cond, Denoiser
+from distill.losses import Loss, drop_labels
+from distill.parameterization import append_dims
+from distill.samplers import clean_alpha_sigma, ddim_step
+
+
+def truncated_snr_weight(alpha: Tensor, sigma: Tensor) -> Tensor:
+    """Salimans & Ho's "truncated SNR" weighting of an x-space loss: ``max(alpha^2 / sigma^2, 1)``."""
+    return torch.clamp(alpha.square() / sigma.square(), min=1.0)
+
+
+def ddim_x_target(z_t: Tensor, z_s: Tensor, a_t, s_t, a_s, s_s) -> Tensor:
+    """The x-prediction at ``z_t`` whose single DDIM step ``t -> s`` lands on ``z_s`` (Salimans & Ho 2022,
+    Algorithm 2); per-sample ``(B,)`` tensors or floats. At ``s_s = 0`` it is ``z_s / a_s``."""
+    a_t, s_t, a_s, s_s = (append_dims(v, z_t.ndim) if isinstance(v, Tensor) else v for v in (a_t, s_t, a_s, s_s))
+    ratio = s_s / s_t
+    return (z_s - ratio * z_t) / (a_s - ratio * a_t)
+
+
+class _TeacherLoss(Loss):
+    """What both distillation losses share: a frozen teacher, the guidance weights drawn per example, label
+    dropout, and the truncated-SNR x-space loss."""
+
+    frozen = ("teacher",)
+
+    def __init__(self, teacher: Denoiser, guidance: float | tuple[float, float] = 0.0, label_dropout: float = 0.0):
+        super().__init__()
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.guidance = tuple(guidance) if isinstance(guidance, (tuple, list)) else float(guidance)
+        self.label_dropout = float(label_dropout)
+
+    def describe(self) -> dict[str, Any]:
+        return {"guidance": list(self.guidance) if isinstance(self.guidance, tuple) else self.guidance,
+                "label_dropout": self.label_dropout, "weighting": "truncated_snr"}
+
+    def _conds(self, model: Denoiser, labels: Tensor | None, n: int, generator: torch.Generator,
+               device) -> tuple[Cond, Cond]:
+        """(teacher's, student's) conditioning. A guidance range draws ``w ~ U[lo, hi]`` per example for both; a
+        fixed ``w`` guides the teacher and is baked into a student without a ``w`` input."""
+        labels = drop_labels(labels, model.null_label, self.label_dropout, generator)
+        if labels is None:
+            return Cond(), Cond()
+        if isinstance(self.guidance, tuple):
+            lo, hi = self.guidance
+            w = (lo + (hi - lo) * torch.rand(n, generator=generator)).to(device)
+            return Cond(labels, w), Cond(labels, w)
+        w = self.guidance
+        return Cond(labels, w), Cond(labels, w if model.guidance_input else 0.0)
+
+    def _noised(self, model: Denoiser, x0: Tensor, t: Tensor, generator: torch.Generator):
+        eps = torch.randn(x0.shape, generator=generator).to(x0)
+        a_t, s_t = clean_alpha_sigma(model.schedule, t)
+        return a_t, s_t, append_dims(a_t, x0.ndim) * x0 + append_dims(s_t, x0.ndim) * eps
+
+    def _loss(self, model: Denoiser, z_t: Tensor, t: Tensor, cond: Cond, target: Tensor, a_t: Tensor,
+              s_t: Tensor) -> Tensor:
+        x_hat = model(z_t, t, cond)
+        err = (x_hat.float() - target.float()).square().flatten(1).mean(1)
+        return truncated_snr_weight(a_t, s_t) * err
+
+
+class ProgressiveLoss(_TeacherLoss):
+    """One round of progressive distillation: the student's one DDIM step on the grid of ``student_steps`` equals
+    two DDIM steps of the teacher (module docstring)."""
+
+    def __init__(self, teacher: Denoiser, student_steps: int, guidance: float | tuple[float, float] = 0.0,
+                 label_dropout: float = 0.0):
+        super().__init__(teacher, guidance, label_dropout)
+        if student_steps < 1:
+            raise ValueError(f"student_steps must be >= 1, got {student_steps}")
+        self.student_steps = int(student_steps)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": "progressive", "student_steps": self.student_steps,
+                "teacher_steps": 2 * self.student_steps, **super().describe()}
+
+    def forward(self, model: Denoiser, x0: Tensor, labels: Tensor | None, generator: torch.Generator) -> Tensor:
+        return self._loss(model, *self.targets(model, x0, labels, generator))
+
+    def targets(self, model: Denoiser, x0: Tensor, labels: Tensor | None, generator: torch.Generator):
+        """``(z_t, t, student's cond, x-target, alpha_t, sigma_t)`` of one batch."""
+        n, big_n = x0.shape[0], self.student_steps
+        i = torch.randint(1, big_n + 1, (n,), generator=generator)
+        # Grid times in float64, then float32: t = i / N, the midpoint and s = t - 1 / N exactly as the sampler's.
+        t = (i.double() / big_n).float().to(x0.device)
+        t_mid = ((i.double() - 0.5) / big_n).float().to(x0.device)
+        s = ((i.double() - 1.0) / big_n).float().to(x0.device)
+        a_t, s_t, z_t = self._noised(model, x0, t, generator)
+        t_cond, s_cond = self._conds(model, labels, n, generator, x0.device)
+        a_m, s_m = clean_alpha_sigma(model.schedule, t_mid)
+        a_s, s_s = clean_alpha_sigma(model.schedule, s)
+        with torch.no_grad():
+            self.teacher.eval()
+            z_mid = ddim_step(z_t, self.teacher(z_t, t, t_cond), a_t, s_t, a_m, s_m)
+            z_s = ddim_step(z_mid, self.teacher(z_mid, t_mid, t_cond), a_m, s_m, a_s, s_s)
+            target = ddim_x_target(z_t, z_s, a_t, s_t, a_s, s_s)
+        return z_t, t, s_cond, target, a_t, s_t
+
+
+class GuidanceLoss(_TeacherLoss):
+    """Stage one of guidance distillation (Meng et al. 2023): a student with a ``w`` input reproduces the
+    teacher's classifier-free-guided x-prediction over the guidance range, at ``t ~ U(0, 1)``."""
+
+    def __init__(self, teacher: Denoiser, guidance: tuple[float, float], label_dropout: float = 0.0):
+        super().__init__(teacher, tuple(guidance), label_dropout)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": "guidance", **super().describe()}
+
+    def forward(self, model: Denoiser, x0: Tensor, labels: Tensor | None, generator: torch.Generator) -> Tensor:
+        return self._loss(model, *self.targets(model, x0, labels, generator))
+
+    def targets(self, model: Denoiser, x0: Tensor, labels: Tensor | None, generator: torch.Generator):
+        """``(z_t, t, student's cond, x-target, alpha_t, sigma_t)`` of one batch."""
+        n = x0.shape[0]
+        # t in (0, 1]: 1 - U[0, 1), so t = 0 (clean data, where the loss is 0/0) is never drawn.
+        t = (1.0 - torch.rand(n, generator=generator, dtype=torch.float64)).float().to(x0.device)
+        a_t, s_t, z_t = self._noised(model, x0, t, generator)
+        t_cond, s_cond = self._conds(model, labels, n, generator, x0.device)
+        with torch.no_grad():
+            self.teacher.eval()
+            target = self.teacher(z_t, t, t_cond)
+        return z_t, t, s_cond, target, a_t, s_t

@@ -1,0 +1,294 @@
+"""Progressive and guidance distillation: the targets, the students' start, the student card, the command and its
+exact resume after a kill."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distill.checkpoint import card_sampling, load_denoiser, read_metadata
+from distill.data import load_dataset
+from distill.denoiser import Cond, Denoiser
+from distill.distillation import ProgressiveOptions, make_student
+from distill.errors import UsageError
+from distill.methods.progressive import GuidanceLoss, ProgressiveLoss, ddim_x_target, truncated_snr_weight
+from distill.models.unet import UNet, UNetConfig
+from distill.samplers import clean_alpha_sigma, ddim_step, sample_ddim
+from distill.schedules import CosineSchedule
+
+TEACHER_ARGS = ["--data", "digits", "--channels", "8", "--channel-mult", "1,2", "--num-res-blocks", "1",
+                "--batch-size", "16", "--warmup", "0", "--attn", "", "--steps", "30", "--lr", "2e-3"]
+PD_ARGS = ["--start-steps", "8", "--target-steps", "2", "--round-steps", "4,3", "--guidance-range", "0,2",
+           "--guidance-steps", "3", "--batch-size", "16", "--ckpt-every", "2"]
+
+
+@pytest.fixture
+def distill_main(monkeypatch, capsys):
+    from distill.cli import main
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["distill", *map(str, args)])
+        capsys.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    """A tiny class-conditional digits teacher (8x8, cosine, v-prediction), trained for a few steps."""
+    from distill.teacher import build_teacher, train_teacher
+
+    out = tmp_path_factory.mktemp("teacher")
+    run = build_teacher(data_spec="digits", image_size=None, unconditional=False, schedule="cosine",
+                        prediction="v", channels=8, channel_mult="1,2", num_res_blocks=1, attn_res="",
+                        dropout=0.1, label_dropout=0.2,
+                        train=dict(steps=30, batch_size=16, warmup=0, lr=2e-3, ckpt_every=100))
+    train_teacher(run, out, progress=False)
+    return out / "model.safetensors"
+
+
+def _tiny_denoiser(seed=0, guidance_embed=False):
+    torch.manual_seed(seed)
+    net = UNet(UNetConfig(image_size=8, channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                          num_classes=10, guidance_embed=guidance_embed))
+    for p in net.parameters():  # zero-initialised output layers would make every prediction trivial
+        torch.nn.init.normal_(p, std=0.05)
+    return Denoiser(net, CosineSchedule(), "v", "t1000", null_label=10, guidance_input=guidance_embed).eval()
+
+
+def _batch(n=6):
+    data = load_dataset("digits")
+    return data.images[:n], data.labels[:n]
+
+
+# -- the targets ---------------------------------------------------------------------------------------------------
+
+
+def test_the_x_target_makes_one_ddim_step_land_where_two_teacher_steps_land():
+    g = torch.Generator().manual_seed(0)
+    sched = CosineSchedule()
+    t = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.125])
+    s = torch.tensor([0.5, 0.5, 0.25, 0.0, 0.0])
+    a_t, s_t = clean_alpha_sigma(sched, t)
+    a_s, s_s = clean_alpha_sigma(sched, s)
+    z_t, z_s = torch.randn(5, 1, 8, 8, generator=g), torch.randn(5, 1, 8, 8, generator=g)
+    x = ddim_x_target(z_t, z_s, a_t, s_t, a_s, s_s)
+    torch.testing.assert_close(ddim_step(z_t, x, a_t, s_t, a_s, s_s), z_s, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(x[3:], z_s[3:])  # a step to clean data: the target is the teacher's own x
+
+
+@pytest.mark.parametrize("student_steps", [1, 4])
+def test_progressive_targets_match_two_ddim_steps_of_the_teacher_sampler(student_steps):
+    """On the sampler's own grid (t = i / N, midpoint, t - 1/N), for a guided teacher with w per example."""
+    teacher, student = _tiny_denoiser(0), _tiny_denoiser(1, guidance_embed=True)
+    loss = ProgressiveLoss(teacher, student_steps, guidance=(0.0, 2.0))
+    x0, labels = _batch()
+    z_t, t, cond, target, a_t, s_t = loss.targets(student, x0, labels, torch.Generator().manual_seed(3))
+    assert isinstance(cond.guidance, torch.Tensor) and float(cond.guidance.min()) >= 0.0
+    for k in range(len(x0)):
+        i = round(float(t[k]) * student_steps)
+        ts = torch.tensor([i, i - 0.5, i - 1], dtype=torch.float64) / student_steps
+        two = sample_ddim(teacher, z_t[k:k + 1], ts, cond=Cond(labels[k:k + 1], cond.guidance[k:k + 1]))
+        a_s, s_s = clean_alpha_sigma(teacher.schedule, torch.tensor([float(ts[2])]))
+        one = ddim_step(z_t[k:k + 1], target[k:k + 1], a_t[k:k + 1], s_t[k:k + 1], a_s, s_s)
+        torch.testing.assert_close(one, two, atol=5e-5, rtol=1e-4)
+
+
+def test_a_student_that_already_matches_has_zero_loss_and_the_weighting_is_truncated_snr():
+    teacher = _tiny_denoiser(0)
+    x0, labels = _batch()
+    g = torch.Generator().manual_seed(1)
+    loss = GuidanceLoss(teacher, (0.0, 0.0))  # w = 0: the teacher's own output, which a copy reproduces
+    student = make_student(teacher, guidance_input=True, prediction="v").eval()
+    with torch.no_grad():
+        assert float(loss(student, x0, labels, g).abs().max()) < 1e-10
+    a, s = torch.tensor([0.999, 0.6, 0.01]), torch.tensor([0.045, 0.8, 0.99995])
+    torch.testing.assert_close(truncated_snr_weight(a, s), torch.tensor([(0.999 / 0.045) ** 2, 1.0, 1.0]))
+
+
+def test_guidance_targets_are_the_teachers_classifier_free_guided_output():
+    teacher = _tiny_denoiser(0)
+    student = make_student(teacher, guidance_input=True, prediction="v")
+    x0, labels = _batch()
+    z_t, t, cond, target, _, _ = GuidanceLoss(teacher, (0.5, 3.0)).targets(student, x0, labels,
+                                                                             torch.Generator().manual_seed(2))
+    w = cond.guidance
+    assert float(w.min()) >= 0.5 and float(w.max()) <= 3.0 and float(t.min()) > 0
+    with torch.no_grad():
+        cond_x = teacher(z_t, t, Cond(labels))
+        null_x = teacher(z_t, t, Cond(torch.full_like(labels, 10)))
+    torch.testing.assert_close(target, cond_x + w[:, None, None, None] * (cond_x - null_x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_student_starts_as_its_teacher_for_every_w_without_dropout():
+    teacher = _tiny_denoiser(0)
+    teacher.net.config.dropout = 0.1
+    student = make_student(teacher, guidance_input=True, prediction="v")
+    assert student.net.config.dropout == 0.0 and student.net.config.guidance_embed and student.guidance_input
+    assert all(m.p == 0.0 for m in student.net.modules() if isinstance(m, torch.nn.Dropout))
+    x0, labels = _batch()
+    t = torch.full((len(x0),), 0.4)
+    with torch.no_grad():
+        for w in (0.0, 1.0, 2.5):
+            want = teacher(x0, t, Cond(labels, torch.full((len(x0),), w)))
+            got = student.eval()(x0, t, Cond(labels, w))
+            if w == 0.0:
+                torch.testing.assert_close(got, want)
+            else:  # an untrained w embedding gives the conditional output, not yet the guided one
+                torch.testing.assert_close(got, teacher(x0, t, Cond(labels)))
+
+
+def test_options_are_checked():
+    with pytest.raises(UsageError, match="power of 2"):
+        ProgressiveOptions(start_steps=48, target_steps=1).validate()
+    with pytest.raises(UsageError, match="power of 2"):
+        ProgressiveOptions(start_steps=4, target_steps=4).validate()
+    with pytest.raises(UsageError, match="eps-prediction"):
+        ProgressiveOptions(prediction="eps").validate()
+    assert ProgressiveOptions(start_steps=64, target_steps=4).rounds() == [32, 16, 8, 4]
+    opts = ProgressiveOptions(round_steps=(10, 20))
+    assert [opts.steps_of_round(k) for k in range(4)] == [10, 20, 20, 20]
+
+
+# -- the student card and sampling by it ------------------------------------------------------------------------
+
+
+def test_card_sampling_uses_a_students_own_sampler_and_exact_timesteps_unless_overridden():
+    card = {"card": {"sampler": "ddim", "steps": 4, "spacing": "uniform", "timesteps": [1, 0.75, 0.5, 0.25, 0]}}
+    assert card_sampling(card) == ("ddim", 4, "uniform", [1, 0.75, 0.5, 0.25, 0])
+    assert card_sampling(card, steps=8) == ("ddim", 8, None, None)
+    assert card_sampling(card, sampler="heun") == ("heun", 20, None, None)
+    assert card_sampling(card, spacing="logsnr") == ("ddim", 4, "logsnr", None)
+    assert card_sampling({}) == ("dpmpp_2m", 20, None, None)  # a teacher without a sampler on its card
+
+
+def test_the_command_writes_students_with_cards_that_sample_by_default(tmp_path, teacher_file, distill_main):
+    out = tmp_path / "pd"
+    code, stdout, err = distill_main("progressive", teacher_file, "--out", out, *PD_ARGS)
+    assert code == 0, err
+    assert [p.name for p in sorted(out.iterdir()) if p.is_dir()] == ["guidance", "steps-2", "steps-4"]
+    parent_sha = None
+    for stage, steps in (("guidance", 8), ("steps-4", 4), ("steps-2", 2)):
+        meta = read_metadata(out / stage / "model.safetensors")
+        card = meta["card"]
+        assert card["method"] == ("guidance" if stage == "guidance" else "progressive")
+        assert card["sampler"] == "ddim" and card["steps"] == steps and card["guidance_range"] == [0.0, 2.0]
+        assert card["timesteps"] == [1 - i / steps for i in range(steps + 1)]
+        assert card["parameterization"] == "v" and card["schedule"]["name"] == "cosine"
+        assert meta["model"]["config"]["guidance_embed"] and meta["model"]["config"]["dropout"] == 0.0
+        assert parent_sha is None or card["parent_sha256"] == parent_sha
+        parent_sha = __import__("distill.distillation", fromlist=["x"]).file_sha256(out / stage / "model.safetensors")
+        assert meta["train"]["ema_decay"] == 0.0 and meta["train"]["lr_decay"] == "linear"
+        assert (out / stage / "metrics.jsonl").read_text().strip()
+    assert "steps-2/model.safetensors" in stdout
+    den = load_denoiser(out / "steps-2")
+    assert den.guidance_input
+    code, _, err = distill_main("sample", out / "steps-2", "--seeds", "0-9", "--guidance", "1.5",
+                                "--out", tmp_path / "s")
+    assert code == 0, err
+    info = json.loads(str(np.load(tmp_path / "s" / "samples.npz")["info"]))
+    assert (info["sampler"], info["steps"], info["guidance"]) == ("ddim", 2, 1.5)
+    # Running the finished command again trains nothing and changes nothing.
+    before = load_file(out / "steps-2" / "model.safetensors")
+    code, stdout, err = distill_main("progressive", teacher_file, "--out", out, *PD_ARGS)
+    assert code == 0 and stdout.count(": done") == 3, (stdout, err)
+    after = load_file(out / "steps-2" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_killed_distillation_resumes_to_the_same_weights(tmp_path, teacher_file, distill_main, monkeypatch):
+    """Killed mid-round (the process dies inside a step of round 1; its last checkpoint is at step 2), the same
+    command continues and ends with every stage's weights equal to an uninterrupted run's."""
+    code, _, err = distill_main("progressive", teacher_file, "--out", tmp_path / "whole", *PD_ARGS)
+    assert code == 0, err
+
+    calls = {"n": 0}
+    original = ProgressiveLoss.forward
+
+    def dying(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 4:  # round 1 (4 steps, checkpoints every 2): dies in its 4th step
+            raise KeyboardInterrupt  # a kill: no save happens inside a step
+        return original(self, *args)
+
+    monkeypatch.setattr(ProgressiveLoss, "forward", dying)
+    code, _, err = distill_main("progressive", teacher_file, "--out", tmp_path / "cut", *PD_ARGS)
+    assert code == 130
+    state = read_metadata(tmp_path / "cut" / "steps-4" / "train_state.safetensors")
+    assert state["step"] == 2 and not (tmp_path / "cut" / "steps-2").exists()
+    monkeypatch.setattr(ProgressiveLoss, "forward", original)
+    code, stdout, err = distill_main("progressive", teacher_file, "--out", tmp_path / "cut", *PD_ARGS)
+    assert code == 0, err
+    assert "guidance" in stdout and ": done" in stdout and "resuming" in stdout
+    for stage in ("guidance", "steps-4", "steps-2"):
+        a = load_file(tmp_path / "whole" / stage / "train_state.safetensors")
+        b = load_file(tmp_path / "cut" / stage / "train_state.safetensors")
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (stage, k)
+
+
+@pytest.mark.parametrize("change, needle", [
+    (["--lr", "3e-4"], "holds a distillation with lr"),
+    (["--round-steps", "5"], "holds a distillation with round_steps"),
+])
+def test_a_run_directory_is_continued_only_with_the_same_settings(tmp_path, teacher_file, distill_main, change,
+                                                                   needle):
+    out = tmp_path / "pd"
+    args = ["--start-steps", "4", "--target-steps", "2", "--round-steps", "1", "--batch-size", "8"]
+    assert distill_main("progressive", teacher_file, "--out", out, *args)[0] == 0
+    code, _, err = distill_main("progressive", teacher_file, "--out", out, *args, *change)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    # a smaller target adds rounds to the same directory
+    code, stdout, err = distill_main("progressive", teacher_file, "--out", out, *args[:2], "--target-steps", "1",
+                                     *args[4:])
+    assert code == 0 and (out / "steps-1" / "model.safetensors").exists(), err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--start-steps", "12"], "power of 2"),
+    (["--guidance-range", "2,1"], "--guidance-range"),
+    (["--guidance-range", "0,nan"], "--guidance-range"),
+    (["--guidance-range", "0,1", "--guidance", "1"], "drop --guidance"),
+    (["--round-steps", "0"], "--round-steps"),
+    (["--data", "mnist"], "distill on the teacher's own data"),
+])
+def test_bad_options_are_one_line(tmp_path, teacher_file, distill_main, args, needle):
+    code, _, err = distill_main("progressive", teacher_file, "--out", tmp_path / "pd", *args)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "pd" / "plan.json").exists()
+
+
+def test_a_folder_that_holds_something_else_is_refused(tmp_path, teacher_file, distill_main):
+    (tmp_path / "pd").mkdir()
+    (tmp_path / "pd" / "notes.txt").write_text("mine")
+    code, _, err = distill_main("progressive", teacher_file, "--out", tmp_path / "pd", "--start-steps", "2")
+    assert code == 2 and "holds no distillation plan" in err
+    assert (tmp_path / "pd" / "notes.txt").read_text() == "mine"
+
+
+def test_an_unconditional_teacher_cannot_be_guidance_distilled(tmp_path, distill_main):
+    code, _, err = distill_main("teacher", "train", *TEACHER_ARGS[:-4], "--steps", "1", "--unconditional",
+                                "--out", tmp_path / "u")
+    assert code == 0, err
+    code, _, err = distill_main("progressive", tmp_path / "u", "--out", tmp_path / "pd", "--guidance-range", "0,1")
+    assert code == 2 and "unconditional" in err
+
+
+def test_the_recipe_parses_and_names_the_shipped_teacher():
+    import yaml
+
+    doc = yaml.safe_load(Path(__file__).resolve().parents[1].joinpath("recipes/mnist-students.yaml").read_text())
+    section = doc["progressive"]
+    assert section["teacher"] == "mnist" and section["start-steps"] == 64 and section["target-steps"] == 1
