@@ -36,7 +36,8 @@ COLUMNS = ["sampler", "steps", "nfe", "guidance", "n_fake", "n_ref", "ref", "fd"
 KEYS = ["sampler", "nfe", "guidance", "n_fake"]  # what identifies a finished row (see ``done`` in main)
 
 
-def read_rows(path: Path) -> pd.DataFrame:
+def read_rows(path: Path, columns: list[str] = COLUMNS, keys: list[str] = KEYS,
+              name: str = "teacher_baseline") -> pd.DataFrame:
     """The finished rows of an earlier run, for resuming; an empty frame if there is none.
 
     The CSV is written atomically, but one left by an older version (which wrote it in place) may end in a cut-off
@@ -44,25 +45,26 @@ def read_rows(path: Path) -> pd.DataFrame:
     benchmark's CSV at all is an error rather than something to overwrite.
     """
     if not path.exists():
-        return pd.DataFrame(columns=COLUMNS)
+        return pd.DataFrame(columns=columns)
     lines = path.read_text().splitlines(keepends=True)
     cut = int(bool(lines) and not lines[-1].endswith("\n"))
     lines = lines[:len(lines) - cut]  # to_csv ends every row with a newline: a last line without one was cut off
     rows = list(csv_module.reader(lines))
     if not rows:
-        return pd.DataFrame(columns=COLUMNS)
+        return pd.DataFrame(columns=columns)
     header, body = rows[0], rows[1:]
-    missing = [k for k in KEYS if k not in header]
+    missing = [k for k in keys if k not in header]
     if missing:
-        raise SystemExit(f"{path}: not a teacher_baseline CSV (no column {', '.join(missing)}); "
+        raise SystemExit(f"{path}: not a {name} CSV (no column {', '.join(missing)}); "
                          "move it away or pass another --out")
     complete = [r for r in body if len(r) == len(header)]
     buf = io.StringIO()
     csv_module.writer(buf).writerows([header, *complete])
     df = pd.read_csv(io.StringIO(buf.getvalue()))
-    for k in KEYS[1:]:
+    numeric = [k for k in keys if k in ("nfe", "steps", "guidance", "n_fake")]
+    for k in numeric:
         df[k] = pd.to_numeric(df[k], errors="coerce")
-    df = df.dropna(subset=KEYS).astype({"nfe": "int64", "n_fake": "int64"}).reset_index(drop=True)
+    df = df.dropna(subset=keys).astype({k: "int64" for k in numeric if k != "guidance"}).reset_index(drop=True)
     dropped = cut + len(body) - len(df)
     if dropped:
         print(f"{path}: dropped {dropped} incomplete row(s); they will be recomputed", flush=True)

@@ -292,3 +292,45 @@ def test_the_recipe_parses_and_names_the_shipped_teacher():
     doc = yaml.safe_load(Path(__file__).resolve().parents[1].joinpath("recipes/mnist-students.yaml").read_text())
     section = doc["progressive"]
     assert section["teacher"] == "mnist" and section["start-steps"] == 64 and section["target-steps"] == 1
+
+
+# -- the benchmark's bookkeeping ----------------------------------------------------------------------------------
+
+
+def test_benchmark_checks_and_compute_are_computed_from_the_rows(tmp_path, teacher_file, distill_main):
+    import pandas as pd
+
+    from benchmarks.progressive import compute, guidance_checks, step_checks
+
+    rows = pd.DataFrame([
+        {"model": "steps-4", "kind": "student", "sampler": "ddim", "steps": 4, "nfe": 4, "guidance": 0.0, "fd": 0.15},
+        {"model": "steps-1", "kind": "student", "sampler": "ddim", "steps": 1, "nfe": 1, "guidance": 0.0, "fd": 0.5},
+        {"model": "teacher", "kind": "teacher", "sampler": "ddpm", "steps": 4, "nfe": 4, "guidance": 0.0, "fd": 0.6},
+        {"model": "teacher", "kind": "teacher", "sampler": "ddim", "steps": 4, "nfe": 4, "guidance": 0.0, "fd": 0.9},
+        {"model": "teacher", "kind": "teacher", "sampler": "ddim", "steps": 1, "nfe": 1, "guidance": 0.0, "fd": 90.},
+    ])
+    got = {c["check"].split(" (")[0]: (c["value"], c["bound"], c["pass"]) for c in step_checks(rows, 0.128)}
+    assert got["4-step student FD <= 1.25 x the teacher's best"] == (0.15, 0.16, True)
+    assert got["1-step student FD <= 3.0 x the teacher's best"] == (0.5, 0.384, False)
+    assert got["4-step student FD <= 1/3 of the best training-free sampler at NFE 4"] == (0.15, 0.2, True)
+    assert got["1-step student FD <= 1/3 of the best training-free sampler at NFE 1"][2]
+    g = pd.DataFrame([
+        {"model": "steps-4", "sampler": "ddim", "steps": 4, "guidance": 1.0, "fd": 0.30, "acc": 0.990, "n_fake": 10},
+        {"model": "teacher", "sampler": "dpmpp_2m", "steps": 20, "guidance": 1.0, "fd": 0.25, "acc": 0.995,
+         "n_fake": 10},
+        {"model": "steps-4", "sampler": "ddim", "steps": 4, "guidance": 2.0, "fd": 0.40, "acc": 0.97, "n_fake": 10},
+        {"model": "teacher", "sampler": "dpmpp_2m", "steps": 20, "guidance": 2.0, "fd": 0.30, "acc": 0.999,
+         "n_fake": 10},
+    ])
+    assert [c["pass"] for c in guidance_checks(g, "steps-4", ("dpmpp_2m", 20))] == [True, False]
+    out = tmp_path / "pd"
+    assert distill_main("progressive", teacher_file, "--out", out, *PD_ARGS)[0] == 0
+    comp = compute(out)
+    by_stage = {s["stage"]: s for s in comp["stages"]}
+    # guidance stage: one guided teacher call (2 branches) per step; rounds: two calls of a w-input teacher
+    assert by_stage["guidance"]["teacher_forwards_per_step"] == 2 and by_stage["steps-4"][
+        "teacher_forwards_per_step"] == 2
+    assert by_stage["steps-2"]["teacher_step_equivalents"] == round(3 * (1 + 2 / 3))
+    assert comp["teacher_step_equivalents"] == round(sum(s["train_steps"] * (1 + s["teacher_forwards_per_step"] / 3)
+                                                         for s in comp["stages"]))
+    assert comp["seconds"] > 0
