@@ -135,7 +135,8 @@ def evaluate(source: str, *, data_spec: str | None = None, ref: str = "A", metri
 def summary_line(r: dict) -> str:
     """One line for humans: the headline numbers of a result."""
     parts = [f"{k}={r[k]:.4g}" for k in ("fd", "fid", "kid", "kid_inception", "is", "acc") if k in r]
-    what = f"{r['sampler']} {r['steps']} steps (NFE {r['nfe']}), w={r['guidance']}" if "sampler" in r else r["source"]
+    what = (f"{r['source']}: {r['sampler']} {r['steps']} steps (NFE {r['nfe']}), w={r['guidance']}, sampled in "
+            f"{r['sample_seconds']:.1f} s" if "sampler" in r else r["source"])
     return f"{what}: {' '.join(parts)} (n={r['n_fake']} vs {r['ref']}, {r.get('n_ref', '?')} real)"
 
 

@@ -106,7 +106,8 @@ def step_checks(rows: pd.DataFrame, best_fd: float) -> list[dict]:
         if nfe in students.index:
             fd = float(students.loc[nfe, "fd"])
             out.append({"check": f"{nfe}-step student FD <= {factor} x the teacher's best ({best_fd:.4g})",
-                        "value": round(fd, 4), "bound": round(factor * best_fd, 4), "pass": bool(fd <= factor * best_fd)})
+                        "value": round(fd, 4), "bound": round(factor * best_fd, 4),
+                        "pass": bool(fd <= factor * best_fd)})
     teacher = rows[rows["kind"] == "teacher"]
     for nfe in (1, 2, 4):
         same = teacher[teacher["nfe"] == nfe]

@@ -33,29 +33,6 @@ def _cli(*args, cwd=None, **kwargs):
                           **kwargs)
 
 
-class _Result:
-    def __init__(self, returncode: int, stderr: str):
-        self.returncode, self.stderr = returncode, stderr
-
-
-@pytest.fixture
-def distill_main(monkeypatch, capsys):
-    """Run the ``distill`` console entry point in this process (no interpreter start-up per call)."""
-    from distill.cli import main
-
-    def run(*args) -> _Result:
-        monkeypatch.setattr(sys, "argv", ["distill", *map(str, args)])
-        capsys.readouterr()
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        return _Result(code, capsys.readouterr().err)
-
-    return run
-
-
 def _one_line_error(res, code: int, needle: str) -> None:
     assert res.returncode == code, res.stderr
     lines = [ln for ln in res.stderr.strip().splitlines() if not ln.startswith("train:")]  # the progress bar

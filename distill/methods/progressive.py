@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from distill.denoiser import Cond, Denoiser
 from distill.losses import Loss, drop_labels
@@ -53,15 +53,20 @@ class _TeacherLoss(Loss):
 
     frozen = ("teacher",)
 
-    def __init__(self, teacher: Denoiser, guidance: float | tuple[float, float] = 0.0, label_dropout: float = 0.0):
+    def __init__(self, teacher, guidance: float | tuple[float, float] = 0.0, label_dropout: float = 0.0):
+        """``teacher``: any ``denoise(x_t, t, cond) -> x0`` callable (a :class:`Denoiser`, an oracle, a backend)."""
         super().__init__()
-        self.teacher = teacher.requires_grad_(False).eval()
+        self.teacher = teacher.requires_grad_(False).eval() if isinstance(teacher, nn.Module) else teacher
         self.guidance = tuple(guidance) if isinstance(guidance, (tuple, list)) else float(guidance)
         self.label_dropout = float(label_dropout)
 
     def describe(self) -> dict[str, Any]:
         return {"guidance": list(self.guidance) if isinstance(self.guidance, tuple) else self.guidance,
                 "label_dropout": self.label_dropout, "weighting": "truncated_snr"}
+
+    def _eval(self) -> None:
+        if isinstance(self.teacher, nn.Module):
+            self.teacher.eval()  # no dropout in the targets, whatever mode the loss module was put in
 
     def _conds(self, model: Denoiser, labels: Tensor | None, n: int, generator: torch.Generator,
                device) -> tuple[Cond, Cond]:
@@ -120,7 +125,7 @@ class ProgressiveLoss(_TeacherLoss):
         a_m, s_m = clean_alpha_sigma(model.schedule, t_mid)
         a_s, s_s = clean_alpha_sigma(model.schedule, s)
         with torch.no_grad():
-            self.teacher.eval()
+            self._eval()
             z_mid = ddim_step(z_t, self.teacher(z_t, t, t_cond), a_t, s_t, a_m, s_m)
             z_s = ddim_step(z_mid, self.teacher(z_mid, t_mid, t_cond), a_m, s_m, a_s, s_s)
             target = ddim_x_target(z_t, z_s, a_t, s_t, a_s, s_s)
@@ -148,6 +153,6 @@ class GuidanceLoss(_TeacherLoss):
         a_t, s_t, z_t = self._noised(model, x0, t, generator)
         t_cond, s_cond = self._conds(model, labels, n, generator, x0.device)
         with torch.no_grad():
-            self.teacher.eval()
+            self._eval()
             target = self.teacher(z_t, t, t_cond)
         return z_t, t, s_cond, target, a_t, s_t
