@@ -147,6 +147,7 @@ def student_card(*, stage: Stage, index: int, total: int, parent: str, parent_sh
         "sampler": "ddim", "steps": steps, "spacing": "uniform",
         "timesteps": [float(t) for t in make_timesteps(student.schedule, steps, "uniform")],
         "guidance": guidance_default, "guidance_range": list(guidance_range) if guidance_range else None,
+        "label_dropout": opts.label_dropout,
         "compute": {"train_steps": stage.train_steps, "batch_size": opts.batch_size,
                     "teacher_forwards_per_step": teacher_forwards},
     }

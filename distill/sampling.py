@@ -66,6 +66,12 @@ def draw_samples(den, *, sampler: str | None = None, steps: int | None = None, s
         raise UsageError(f"--classes: {source} is unconditional; drop --classes")
     if guidance and not num_classes:
         raise UsageError(f"--guidance: {source} is unconditional, so it cannot be guided; drop --guidance")
+    card = meta.get("card") or {}
+    if guidance and card.get("method") in ("progressive", "guidance") and not den.guidance_input \
+            and not card.get("label_dropout"):
+        raise UsageError(f"--guidance: {source} is a student distilled at w = {card.get('distilled_guidance', 0)} "
+                         "without the null class, so classifier-free guidance cannot run on it; drop --guidance, or "
+                         "distill with --guidance-range for a student that takes w")
     if classes is not None and any(c < 0 or c >= num_classes for c in classes):
         raise UsageError(f"--classes: labels must be in 0-{num_classes - 1} for {source}")
     if num_classes and classes is None:

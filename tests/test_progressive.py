@@ -350,3 +350,14 @@ def test_any_teacher_behind_the_denoiser_interface_distills_into_any_student():
     two = sample_ddim(teacher, z.double(), ts).float()
     one = sample_ddim(student, z, torch.tensor([1.0, 0.0], dtype=torch.float64))
     assert float((one - two).norm() / two.norm()) < 0.02
+
+
+def test_a_plain_student_without_the_null_class_refuses_guidance(tmp_path, teacher_file, distill_main):
+    out = tmp_path / "pd"
+    args = ["--start-steps", "2", "--round-steps", "1", "--batch-size", "8"]
+    assert distill_main("progressive", teacher_file, "--out", out, *args).returncode == 0
+    card = read_metadata(out / "steps-1" / "model.safetensors")["card"]
+    assert card["guidance_range"] is None and card["label_dropout"] == 0.0 and card["sampler"] == "ddim"
+    res = distill_main("sample", out / "steps-1", "--seeds", "0-3", "--guidance", "1", "--out", tmp_path / "s")
+    assert res.returncode == 2 and "--guidance-range" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert distill_main("sample", out / "steps-1", "--seeds", "0-3", "--out", tmp_path / "s").returncode == 0
