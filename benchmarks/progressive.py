@@ -49,7 +49,10 @@ def compute(run: Path) -> dict:
     """Distillation compute from the stages' cards and logs, in training steps of the teacher: a student step
     (forward + backward) counts 1, a teacher forward pass 1/3 of one (a backward pass costs about two forwards)."""
     stages, total_equiv, total_sec = [], 0.0, 0.0
-    for d in sorted(p for p in Path(run).iterdir() if (p / "model.safetensors").exists()):
+    def order(p: Path):  # the run's own order: the guidance stage, then rounds from most to fewest steps
+        return (0, 0) if p.name == "guidance" else (1, -int(p.name.split("-")[-1]))
+
+    for d in sorted((p for p in Path(run).iterdir() if (p / "model.safetensors").exists()), key=order):
         card = read_metadata(d / "model.safetensors").get("card") or {}
         c = card.get("compute") or {}
         steps, fwd = int(c.get("train_steps", 0)), int(c.get("teacher_forwards_per_step", 0))
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--teacher", default="mnist")
     p.add_argument("--samples", type=int, default=2500)
     p.add_argument("--student-steps", default="1,2,4,8", help="which steps-N stages to measure")
-    p.add_argument("--teacher-nfe", default="1,2,4,8", help="NFEs of the training-free samplers' rows")
+    p.add_argument("--teacher-nfe", default="1,2,4", help="NFEs of the training-free samplers' rows")
     p.add_argument("--teacher-best", default="dpmpp_2m:20", help="the teacher's converged sampler:steps")
     p.add_argument("--guidance-weights", default="0,0.5,1,2")
     p.add_argument("--guidance-samples", type=int, default=1000)
@@ -238,8 +241,14 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                 continue
             seen.add(cost)
             run_row("teacher", "teacher", teacher, sampler, steps, 0.0, args.samples, light)
-    if args.guidance_student in stages:
-        student = load_denoiser(stages[args.guidance_student])
+    guided_student = None
+    if args.guidance_student in stages and args.guidance_weights:
+        guided_student = load_denoiser(stages[args.guidance_student])
+        if not guided_student.guidance_input:
+            print(f"{args.guidance_student} takes no guidance weight (not guidance-distilled): no guidance rows")
+            guided_student = None
+    if guided_student is not None:
+        student = guided_student
         for w in (float(x) for x in args.guidance_weights.split(",")):
             run_row(args.guidance_student, "student", student, None, None, w, args.guidance_samples, light)
             run_row("teacher", "teacher", teacher, best_sampler, int(best_steps), w, args.guidance_samples, light)
