@@ -142,7 +142,9 @@ def student_card(*, stage: Stage, index: int, total: int, parent: str, parent_sh
     steps = stage.student_steps or opts.start_steps
     card = {
         "method": "guidance" if stage.student_steps is None else "progressive",
-        "stage": stage.name, "index": index, "stages": total, "parent": parent, "parent_sha256": parent_sha256,
+        "stage": stage.name, "index": index, "stages": total,
+        "round": 0 if stage.student_steps is None else round(math.log2(opts.start_steps / stage.student_steps)),
+        "parent": parent, "parent_sha256": parent_sha256,
         "teacher": teacher, "parameterization": student.prediction, "schedule": student.schedule.config(),
         "sampler": "ddim", "steps": steps, "spacing": "uniform",
         "timesteps": [float(t) for t in make_timesteps(student.schedule, steps, "uniform")],

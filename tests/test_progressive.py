@@ -164,6 +164,7 @@ def test_the_command_writes_students_with_cards_that_sample_by_default(tmp_path,
         meta = read_metadata(out / stage / "model.safetensors")
         card = meta["card"]
         assert card["method"] == ("guidance" if stage == "guidance" else "progressive")
+        assert card["round"] == {"guidance": 0, "steps-4": 1, "steps-2": 2}[stage]
         assert card["sampler"] == "ddim" and card["steps"] == steps and card["guidance_range"] == [0.0, 2.0]
         assert card["timesteps"] == [1 - i / steps for i in range(steps + 1)]
         assert card["parameterization"] == "v" and card["schedule"]["name"] == "cosine"
@@ -340,7 +341,7 @@ def test_any_teacher_behind_the_denoiser_interface_distills_into_any_student():
     data = (mu + torch.randn(4096, 3, dtype=torch.float64) @ torch.linalg.cholesky(cov).T).float()
     opt = torch.optim.Adam(student.parameters(), lr=3e-2)
     g = torch.Generator().manual_seed(0)
-    for step in range(400):
+    for _ in range(400):
         batch = data[torch.randint(0, len(data), (256,), generator=g)]
         opt.zero_grad()
         loss(student, batch, None, g).mean().backward()
