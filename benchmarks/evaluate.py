@@ -113,7 +113,7 @@ def evaluate(source: str, *, data_spec: str | None = None, ref: str = "A", metri
         from distill.sampling import draw_samples
 
         guidance = card_guidance(den.metadata, guidance)
-        sampler, steps, spacing, _ = card_sampling(getattr(den, "metadata", {}), sampler, steps, spacing)
+        sampler, steps, spacing, _ = card_sampling(den.metadata, sampler, steps, spacing)
         start = time.perf_counter()
         images, labels = draw_samples(den, sampler=sampler, steps=steps, seeds=seeds, classes=classes,
                                       guidance=guidance, spacing=spacing, eta=eta, batch_size=batch_size,

@@ -28,7 +28,7 @@ import torch
 from benchmarks.evaluate import evaluate, write_json
 from benchmarks.metrics import Quality
 from benchmarks.teacher_baseline import read_rows, write_rows
-from distill.checkpoint import atomic_write, load_denoiser, read_metadata
+from distill.checkpoint import atomic_write, card_sampling, load_denoiser, read_metadata
 from distill.data import load_dataset
 from distill.parsing import parse_int_list
 
@@ -212,8 +212,6 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 
     def run_row(model: str, kind: str, den, sampler: str | None, steps: int | None, w: float, n: int, q: Quality):
         nonlocal df
-        from distill.checkpoint import card_sampling
-
         sampler, steps, _, _ = card_sampling(den.metadata, sampler, steps)
         if (model, sampler, steps, float(w), n) in done:
             return
@@ -241,14 +239,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                 continue
             seen.add(cost)
             run_row("teacher", "teacher", teacher, sampler, steps, 0.0, args.samples, light)
-    guided_student = None
-    if args.guidance_student in stages and args.guidance_weights:
-        guided_student = load_denoiser(stages[args.guidance_student])
-        if not guided_student.guidance_input:
-            print(f"{args.guidance_student} takes no guidance weight (not guidance-distilled): no guidance rows")
-            guided_student = None
-    if guided_student is not None:
-        student = guided_student
+    student = load_denoiser(stages[args.guidance_student]) if args.guidance_student in stages and \
+        args.guidance_weights else None
+    if student is not None and not student.guidance_input:
+        print(f"{args.guidance_student} takes no guidance weight (not guidance-distilled): no guidance rows")
+        student = None
+    if student is not None:
         for w in (float(x) for x in args.guidance_weights.split(",")):
             run_row(args.guidance_student, "student", student, None, None, w, args.guidance_samples, light)
             run_row("teacher", "teacher", teacher, best_sampler, int(best_steps), w, args.guidance_samples, light)

@@ -18,7 +18,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,6 @@ class ProgressiveOptions:
     bf16: bool = False
     seed: int = 0
     ckpt_every: int = 100
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         rounds = math.log2(self.start_steps / self.target_steps) if self.target_steps >= 1 else -1

@@ -79,6 +79,14 @@ class TargetNetwork(nn.Module):
         return self.net(*args, **kwargs)
 
 
+def diffuse(model: Denoiser, x0: Tensor, t: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x_t, alpha_t, sigma_t)`` with ``x_t = alpha_t x0 + sigma_t eps``, ``eps`` drawn from ``generator``; alpha
+    and sigma broadcast over the images."""
+    eps = torch.randn(x0.shape, generator=generator).to(x0)
+    alpha, sigma = model.alpha_sigma(t, x0)
+    return alpha * x0 + sigma * eps, alpha, sigma
+
+
 def drop_labels(labels: Tensor | None, null_label: int | None, p: float, generator: torch.Generator):
     """Replace each label by the null class with probability ``p`` (classifier-free guidance training)."""
     if labels is None or null_label is None or p <= 0:
@@ -105,9 +113,7 @@ class DiffusionLoss(Loss):
     def forward(self, model: Denoiser, x0: Tensor, labels: Tensor | None, generator: torch.Generator) -> Tensor:
         n = x0.shape[0]
         t = torch.rand(n, generator=generator, dtype=torch.float64).float().to(x0.device)
-        eps = torch.randn(x0.shape, generator=generator).to(x0)
-        alpha, sigma = model.alpha_sigma(t, x0)
-        x_t = alpha * x0 + sigma * eps
+        x_t, alpha, sigma = diffuse(model, x0, t, generator)
         labels = drop_labels(labels, model.null_label, self.label_dropout, generator)
         pred = model.raw(x_t, t, labels)
         target = from_x0(x0, model.prediction, x_t, alpha, sigma)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.denoiser import Cond, Denoiser
-from distill.losses import Loss, drop_labels
+from distill.losses import Loss, diffuse, drop_labels
 from distill.parameterization import append_dims
 from distill.samplers import clean_alpha_sigma, ddim_step
 
@@ -82,16 +82,11 @@ class _TeacherLoss(Loss):
         w = self.guidance
         return Cond(labels, w), Cond(labels, w if model.guidance_input else 0.0)
 
-    def _noised(self, model: Denoiser, x0: Tensor, t: Tensor, generator: torch.Generator):
-        eps = torch.randn(x0.shape, generator=generator).to(x0)
-        a_t, s_t = clean_alpha_sigma(model.schedule, t)
-        return a_t, s_t, append_dims(a_t, x0.ndim) * x0 + append_dims(s_t, x0.ndim) * eps
-
     def _loss(self, model: Denoiser, z_t: Tensor, t: Tensor, cond: Cond, target: Tensor, a_t: Tensor,
               s_t: Tensor) -> Tensor:
         x_hat = model(z_t, t, cond)
         err = (x_hat.float() - target.float()).square().flatten(1).mean(1)
-        return truncated_snr_weight(a_t, s_t) * err
+        return truncated_snr_weight(a_t, s_t).reshape(-1) * err
 
 
 class ProgressiveLoss(_TeacherLoss):
@@ -120,7 +115,7 @@ class ProgressiveLoss(_TeacherLoss):
         t = (i.double() / big_n).float().to(x0.device)
         t_mid = ((i.double() - 0.5) / big_n).float().to(x0.device)
         s = ((i.double() - 1.0) / big_n).float().to(x0.device)
-        a_t, s_t, z_t = self._noised(model, x0, t, generator)
+        z_t, a_t, s_t = diffuse(model, x0, t, generator)
         t_cond, s_cond = self._conds(model, labels, n, generator, x0.device)
         a_m, s_m = clean_alpha_sigma(model.schedule, t_mid)
         a_s, s_s = clean_alpha_sigma(model.schedule, s)
@@ -150,7 +145,7 @@ class GuidanceLoss(_TeacherLoss):
         n = x0.shape[0]
         # t in (0, 1]: 1 - U[0, 1), so t = 0 (clean data, where the loss is 0/0) is never drawn.
         t = (1.0 - torch.rand(n, generator=generator, dtype=torch.float64)).float().to(x0.device)
-        a_t, s_t, z_t = self._noised(model, x0, t, generator)
+        z_t, a_t, s_t = diffuse(model, x0, t, generator)
         t_cond, s_cond = self._conds(model, labels, n, generator, x0.device)
         with torch.no_grad():
             self._eval()
