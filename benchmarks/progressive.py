@@ -4,8 +4,10 @@
     python -m benchmarks.progressive --run runs/mnist-students --samples 500 --guidance-samples 200
 
 Rows (one CSV, rewritten atomically after each row; a rerun skips the rows already there, so it resumes):
-- every student stage of ``--run`` (``steps-N``: N DDIM steps, its card's sampler and exact timesteps) at w = 0;
-- the teacher with each training-free sampler (DDPM, DDIM, Heun, DPM-Solver++(2M)) at the students' NFEs, and
+- every student stage of ``--run`` (``steps-N``: its card's N steps and exact timesteps) at w = 0, with each of
+  ``--student-samplers`` (DDIM, the one the rounds distil, and Meng et al.'s N-step stochastic sampler);
+- the teacher with each training-free sampler (DDPM, DDIM, Heun, DPM-Solver++(2M), stochastic) at the students'
+  NFEs, and
   at its converged setting (``--teacher-best``, DPM-Solver++(2M) 20 steps);
 - guidance: the ``--guidance-student`` (default the 4-step one) and the teacher's converged sampler at each
   ``--guidance-weights`` w, with ``--guidance-samples`` samples.
@@ -35,7 +37,7 @@ from distill.parsing import parse_int_list
 COLUMNS = ["model", "kind", "sampler", "steps", "nfe", "guidance", "n_fake", "fd", "fid", "acc", "kid",
            "sample_seconds"]
 KEYS = ["model", "sampler", "steps", "guidance", "n_fake"]
-TEACHER_SAMPLERS = ("ddpm", "ddim", "heun", "dpmpp_2m")
+TEACHER_SAMPLERS = ("ddpm", "ddim", "heun", "dpmpp_2m", "stochastic")
 TEACHER_TRAIN_STEPS = 4000  # the shipped teacher's optimizer steps (distill/weights/mnist.md)
 
 
@@ -87,8 +89,10 @@ def plot(df: pd.DataFrame, path: Path, title: str) -> None:
         for sampler, rows in teacher.groupby("sampler"):
             rows = rows.dropna(subset=[key]).sort_values("nfe")
             ax.plot(rows["nfe"], rows[key], marker="o", alpha=0.7, label=f"teacher {sampler}")
-        students = base[base["kind"] == "student"].dropna(subset=[key]).sort_values("nfe")
-        ax.plot(students["nfe"], students[key], marker="*", markersize=12, color="black", label="students (PD)")
+        students = base[base["kind"] == "student"].dropna(subset=[key])
+        for (sampler, rows), color in zip(students.groupby("sampler"), ("black", "crimson", "navy")):
+            rows = rows.sort_values("nfe")
+            ax.plot(rows["nfe"], rows[key], marker="*", markersize=12, color=color, label=f"students (PD), {sampler}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("network evaluations (NFE)")
@@ -104,11 +108,14 @@ def plot(df: pd.DataFrame, path: Path, title: str) -> None:
 def step_checks(rows: pd.DataFrame, best_fd: float) -> list[dict]:
     """The issue's step-count acceptance checks, from the rows at one sample count and w = 0."""
     out = []
-    students = rows[rows["kind"] == "student"].set_index("nfe")
+    students = rows[rows["kind"] == "student"]
+    # The student's best sampler at each step count (the table has every one).
+    students = students.loc[students.groupby("nfe")["fd"].idxmin()].set_index("nfe")
     for nfe, factor in ((4, 1.25), (1, 3.0)):
         if nfe in students.index:
             fd = float(students.loc[nfe, "fd"])
-            out.append({"check": f"{nfe}-step student FD <= {factor} x the teacher's best ({best_fd:.4g})",
+            out.append({"check": f"{nfe}-step student ({students.loc[nfe, 'sampler']}) FD <= {factor} x the "
+                                 f"teacher's best ({best_fd:.4g})",
                         "value": round(fd, 4), "bound": round(factor * best_fd, 4),
                         "pass": bool(fd <= factor * best_fd)})
     teacher = rows[rows["kind"] == "teacher"]
@@ -117,7 +124,8 @@ def step_checks(rows: pd.DataFrame, best_fd: float) -> list[dict]:
         if nfe in students.index and len(same):
             best = same.loc[same["fd"].idxmin()]
             fd = float(students.loc[nfe, "fd"])
-            out.append({"check": f"{nfe}-step student FD <= 1/3 of the best training-free sampler at NFE {nfe} "
+            out.append({"check": f"{nfe}-step student ({students.loc[nfe, 'sampler']}) FD <= 1/3 of the best "
+                                 f"training-free sampler at NFE {nfe} "
                                  f"({best['sampler']}, {best['fd']:.4g})",
                         "value": round(fd, 4), "bound": round(best["fd"] / 3, 4), "pass": bool(fd <= best["fd"] / 3)})
     return out
@@ -146,7 +154,8 @@ def markdown(df: pd.DataFrame, meta: dict, comp: dict, check_rows: list[dict]) -
     cols = ["model", "sampler", "steps", "nfe", "guidance", "n_fake", "fd", "fid", "acc", "sample_seconds"]
     lines = [f"# Progressive distillation: {meta['run']} (teacher {meta['teacher']})", "",
              f"Against real half A of `{meta['data']}`; FD/accuracy with the domain classifier, FID with "
-             f"InceptionV3. Students sample with their card's DDIM steps and exact timesteps; bf16 = {meta['bf16']}; "
+             f"InceptionV3. Students sample on their card's steps and exact timesteps, with DDIM (what the rounds distil) and "
+             f"Meng et al.'s N-step stochastic sampler (same NFE); bf16 = {meta['bf16']}; "
              f"{meta['threads']} CPU threads; sample_seconds is the time to draw all n_fake samples.", "",
              "## Quality and time per step count (w = 0)", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -189,6 +198,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--teacher", default="mnist")
     p.add_argument("--samples", type=int, default=2500)
     p.add_argument("--student-steps", default="1,2,4,8", help="which steps-N stages to measure")
+    p.add_argument("--student-samplers", default="ddim,stochastic", help="samplers each student runs with")
     p.add_argument("--teacher-nfe", default="1,2,4", help="NFEs of the training-free samplers' rows")
     p.add_argument("--teacher-best", default="dpmpp_2m:20", help="the teacher's converged sampler:steps")
     p.add_argument("--guidance-weights", default="0,0.5,1,2")
@@ -227,7 +237,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     wanted = set(parse_int_list(args.student_steps, "--student-steps"))
     stages = {p.name: p for p in student_stages(args.run) if int(p.name.split("-")[1]) in wanted}
     for name, path in stages.items():
-        run_row(name, "student", load_denoiser(path), None, None, 0.0, args.samples, quality)
+        den = load_denoiser(path)
+        for sampler in args.student_samplers.split(","):
+            if sampler == "stochastic" and den.metadata["card"]["steps"] == 1:
+                continue  # one step is DDIM's deterministic step: the same samples
+            run_row(name, "student", den, sampler, None, 0.0, args.samples, quality)
     best_sampler, best_steps = args.teacher_best.split(":")
     run_row("teacher", "teacher", teacher, best_sampler, int(best_steps), 0.0, args.samples, quality)
     for sampler in TEACHER_SAMPLERS:

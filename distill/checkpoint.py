@@ -20,6 +20,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
 
 from distill.errors import UsageError
+from distill.samplers import GRID_SAMPLERS
 
 MODEL_FORMAT = "distill.model/1"
 STATE_FORMAT = "distill.train_state/1"
@@ -198,11 +199,14 @@ def card_sampling(meta: dict[str, Any], sampler: str | None = None, steps: int |
                   spacing: str | None = None) -> tuple[str, int, str | None, list[float] | None]:
     """``(sampler, steps, spacing, timesteps)`` to sample a model with: what the user gave, else what its card
     names (a distilled student's own sampler, step count and exact timesteps), else DPM-Solver++(2M) at 20 steps.
-    The card's exact timesteps are used whenever the sampler, step count and spacing are the card's."""
+    The card's step count and exact timesteps are used whenever the sampler is the card's or, for a card whose
+    sampler walks a given grid, any such sampler (``GRID_SAMPLERS``: ddim, ddpm, stochastic), and the step count
+    and spacing are not overridden."""
     card = meta.get("card") or {}
     sampler = sampler or card.get("sampler") or DEFAULT_SAMPLER
-    steps = steps or (card.get("steps") if sampler == card.get("sampler") else None) or DEFAULT_STEPS
-    own = sampler == card.get("sampler") and steps == card.get("steps") and spacing in (None, card.get("spacing"))
+    on_grid = sampler == card.get("sampler") or (sampler in GRID_SAMPLERS and card.get("sampler") in GRID_SAMPLERS)
+    steps = steps or (card.get("steps") if on_grid else None) or DEFAULT_STEPS
+    own = on_grid and steps == card.get("steps") and spacing in (None, card.get("spacing"))
     if own:
         return sampler, steps, card.get("spacing"), card.get("timesteps")
     return sampler, steps, spacing, None

@@ -117,11 +117,16 @@ def cli():
     """
 
 
+# distill.samplers.SAMPLERS' names, spelled out so that --help does not import torch (a test keeps them equal).
+SAMPLER_NAMES = ("ddpm", "ddim", "euler", "heun", "dpmpp_2m", "stochastic")
+
+
 def sampling_options(command):
     """The sampler settings shared by ``sample`` and ``eval``."""
     for option in reversed([
-        click.option("--sampler", type=click.Choice(["ddpm", "ddim", "euler", "heun", "dpmpp_2m"]),
-                     default=None, help="Sampler [default: the model card's (a student's own), else dpmpp_2m]."),
+        click.option("--sampler", type=click.Choice(SAMPLER_NAMES), default=None,
+                     help="Sampler [default: the model card's (a student's own), else dpmpp_2m]. stochastic: Meng "
+                          "et al.'s N-step stochastic sampler for distilled students (a student's own grid)."),
         click.option("--steps", type=click.IntRange(1, 10000), default=None, metavar="N",
                      help="Sampler steps [default: the model card's (a student's own), else 20]."),
         click.option("--spacing", type=click.Choice(["uniform", "karras", "logsnr"]), default=None,
@@ -220,18 +225,22 @@ def teacher_train(data_spec, out, resume, image_size, unconditional, schedule, p
 @click.argument("dest", type=NonEmptyPath(dir_okay=False, path_type=Path), metavar="DEST")
 @click.option("--guidance", type=Finite(), default=0.0, metavar="W", help="The default guidance weight to record.")
 @click.option("--data", "data_spec", default=None, metavar="SPEC", help="Training data, if the run lacks it.")
-def teacher_publish(run, dest, guidance, data_spec):
-    """Copy a run's model file to DEST with its default guidance and data recorded (for shipping a teacher).
+@click.option("--sampler", type=click.Choice(SAMPLER_NAMES), default=None,
+              help="The default sampler to record [default: the card's own]; a distilled student's must walk its "
+                   "grid (ddim, ddpm or stochastic).")
+def teacher_publish(run, dest, guidance, data_spec, sampler):
+    """Copy a run's model file to DEST with its default guidance, sampler and data recorded (for shipping a model).
 
     \b
     Example (the shipped MNIST teacher):
       distill teacher publish runs/mnist-teacher distill/weights/mnist.safetensors --guidance 0 --data mnist
+      distill teacher publish runs/mnist-students/steps-4 distill/weights/mnist-4step.safetensors --sampler stochastic
     """
     from distill.preflight import check_output_file
     from distill.teacher import publish
 
     check_output_file(dest, "DEST")
-    click.echo(f"wrote {publish(run, dest, guidance=guidance, data_spec=data_spec)}")
+    click.echo(f"wrote {publish(run, dest, guidance=guidance, data_spec=data_spec, sampler=sampler)}")
 
 
 @cli.command("progressive")

@@ -96,9 +96,12 @@ def train_teacher(run: TeacherRun, out: Path, *, resume: bool = False, command: 
     return trainer
 
 
-def publish(run: Path | str, dest: Path, *, guidance: float, data_spec: str | None = None) -> Path:
+def publish(run: Path | str, dest: Path, *, guidance: float, data_spec: str | None = None,
+            sampler: str | None = None) -> Path:
     """Copy a run's inference artifact to ``dest`` (a ``.safetensors`` path), recording the default guidance
-    weight (``card.guidance``, used by ``distill eval``/``sample`` when none is given) and the training data."""
+    weight (``card.guidance``, used by ``distill eval``/``sample`` when none is given), the training data and,
+    when given, the default sampler (``card.sampler``; a distilled student's must walk its own grid, and the sampler
+    it was distilled for stays on the card as ``distilled_sampler``)."""
     import math
 
     from distill.checkpoint import load_tensors, resolve_model_path, save_tensors, validate_model
@@ -116,7 +119,19 @@ def publish(run: Path | str, dest: Path, *, guidance: float, data_spec: str | No
         raise UsageError(f"{src}: does not record its training data; pass --data")
     if data_spec:
         load_dataset(data_spec)  # an unknown or unreadable --data fails here, not later in distill eval
-    meta = {**meta, "data": data, "card": {**(meta.get("card") or {}), "guidance": guidance}}
+    card = {**(meta.get("card") or {}), "guidance": guidance}
+    if sampler is not None and sampler != card.get("sampler"):
+        from distill.samplers import GRID_SAMPLERS, SAMPLERS
+
+        if sampler not in SAMPLERS:
+            raise UsageError(f"--sampler {sampler!r}: unknown; use one of {', '.join(SAMPLERS)}")
+        if card.get("steps") and sampler not in GRID_SAMPLERS:
+            raise UsageError(f"--sampler {sampler}: {src} is a distilled student that samples on its own "
+                             f"{card['steps']}-step grid; use one of {', '.join(GRID_SAMPLERS)}")
+        if card.get("steps"):
+            card["distilled_sampler"] = card.get("distilled_sampler", card.get("sampler"))
+        card["sampler"] = sampler
+    meta = {**meta, "data": data, "card": card}
     validate_model(tensors, meta, src)  # a complete config that loads, finite weights: before anything is written
     save_tensors(dest, tensors, meta)
     return dest

@@ -527,3 +527,10 @@ def test_teacher_options_that_would_be_silently_wrong(monkeypatch, capsys, tmp_p
     monkeypatch.chdir(tmp_path)
     usage_error(monkeypatch, capsys, args, needle)
     assert not list(tmp_path.iterdir())
+
+
+def test_the_cli_offers_every_sampler():
+    from distill.cli import SAMPLER_NAMES
+    from distill.samplers import SAMPLERS
+
+    assert SAMPLER_NAMES == tuple(SAMPLERS)

@@ -12,6 +12,7 @@ from distill.samplers import (
     DEFAULT_SPACING,
     SAMPLERS,
     PerSampleGenerator,
+    alpha_sigma_at,
     ddim_step,
     generate,
     make_timesteps,
@@ -120,6 +121,36 @@ def test_ddpm_ancestral_matches_moments_within_sampling_error():
     se_cov = ((torch.diag(cov)[:, None] * torch.diag(cov)[None, :] + cov**2) / n).sqrt()
     assert torch.all((m - mu).abs() < 4 * se_mean + 0.01 * cov.diag().sqrt())
     assert torch.all((c - cov).abs() < 4 * se_cov + 0.02 * cov.abs().max())
+
+
+def test_stochastic_sampler_matches_moments_and_costs_one_evaluation_per_step():
+    mu, cov = example_gaussian()
+    schedule = CosineSchedule()
+    n = 3000
+    den = GaussianDenoiser(schedule, mu, cov)
+    x = generate(den, (3,), range(n), sampler="stochastic", steps=128, dtype=torch.float64)
+    assert den.calls == 128
+    m, c = _moments(x)
+    se_mean = (torch.diag(cov) / n).sqrt()
+    se_cov = ((torch.diag(cov)[:, None] * torch.diag(cov)[None, :] + cov**2) / n).sqrt()
+    assert torch.all((m - mu).abs() < 4 * se_mean + 0.01 * cov.diag().sqrt())
+    assert torch.all((c - cov).abs() < 4 * se_cov + 0.02 * cov.abs().max())
+    # One step has no interval to renoise into: it is DDIM's single deterministic step.
+    one = generate(den, (3,), range(5), sampler="stochastic", steps=1, dtype=torch.float64)
+    assert torch.equal(one, generate(den, (3,), range(5), sampler="ddim", steps=1, dtype=torch.float64))
+
+
+def test_renoise_is_the_forward_transition():
+    from distill.samplers import renoise
+
+    schedule = CosineSchedule()
+    a_k, s_k = alpha_sigma_at(schedule, 0.3)
+    a_s, s_s = alpha_sigma_at(schedule, 0.6)
+    x0 = torch.full((200000,), 0.7, dtype=torch.float64)  # a point mass: x_k's spread is s_k alone
+    x_k = a_k * x0 + s_k * torch.randn_like(x0)
+    x_s = renoise(x_k, a_k, s_k, a_s, s_s, torch.randn_like(x0))
+    assert float(x_s.mean()) == pytest.approx(a_s * 0.7, abs=5e-3)
+    assert float(x_s.std()) == pytest.approx(s_s, rel=5e-3)
 
 
 def test_ddim_converges_as_steps_grow():

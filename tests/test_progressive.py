@@ -2,6 +2,7 @@
 exact resume after a kill."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,9 @@ def test_card_sampling_uses_a_students_own_sampler_and_exact_timesteps_unless_ov
     assert card_sampling(card) == ("ddim", 4, "uniform", [1, 0.75, 0.5, 0.25, 0])
     assert card_sampling(card, steps=8) == ("ddim", 8, None, None)
     assert card_sampling(card, sampler="heun") == ("heun", 20, None, None)
+    # Every sampler that walks a given grid takes the student's own grid.
+    assert card_sampling(card, sampler="stochastic") == ("stochastic", 4, "uniform", [1, 0.75, 0.5, 0.25, 0])
+    assert card_sampling(card, sampler="ddpm") == ("ddpm", 4, "uniform", [1, 0.75, 0.5, 0.25, 0])
     assert card_sampling(card, spacing="logsnr") == ("ddim", 4, "logsnr", None)
     assert card_sampling({}) == ("dpmpp_2m", 20, None, None)  # a teacher without a sampler on its card
 
@@ -285,13 +289,17 @@ def test_benchmark_checks_and_compute_are_computed_from_the_rows(tmp_path, teach
     from benchmarks.progressive import compute, guidance_checks, step_checks
 
     rows = pd.DataFrame([
-        {"model": "steps-4", "kind": "student", "sampler": "ddim", "steps": 4, "nfe": 4, "guidance": 0.0, "fd": 0.15},
+        {"model": "steps-4", "kind": "student", "sampler": "ddim", "steps": 4, "nfe": 4, "guidance": 0.0, "fd": 0.19},
+        {"model": "steps-4", "kind": "student", "sampler": "stochastic", "steps": 4, "nfe": 4, "guidance": 0.0,
+         "fd": 0.15},
         {"model": "steps-1", "kind": "student", "sampler": "ddim", "steps": 1, "nfe": 1, "guidance": 0.0, "fd": 0.5},
         {"model": "teacher", "kind": "teacher", "sampler": "ddpm", "steps": 4, "nfe": 4, "guidance": 0.0, "fd": 0.6},
         {"model": "teacher", "kind": "teacher", "sampler": "ddim", "steps": 4, "nfe": 4, "guidance": 0.0, "fd": 0.9},
         {"model": "teacher", "kind": "teacher", "sampler": "ddim", "steps": 1, "nfe": 1, "guidance": 0.0, "fd": 90.},
     ])
-    got = {c["check"].split(" (")[0]: (c["value"], c["bound"], c["pass"]) for c in step_checks(rows, 0.128)}
+    checks = step_checks(rows, 0.128)
+    got = {re.sub(r" \([^)]*\)", "", c["check"]): (c["value"], c["bound"], c["pass"]) for c in checks}
+    assert checks[0]["check"].startswith("4-step student (stochastic)")  # each step count's best sampler counts
     assert got["4-step student FD <= 1.25 x the teacher's best"] == (0.15, 0.16, True)
     assert got["1-step student FD <= 3.0 x the teacher's best"] == (0.5, 0.384, False)
     assert got["4-step student FD <= 1/3 of the best training-free sampler at NFE 4"] == (0.15, 0.2, True)
@@ -362,3 +370,18 @@ def test_a_plain_student_without_the_null_class_refuses_guidance(tmp_path, teach
     res = distill_main("sample", out / "steps-1", "--seeds", "0-3", "--guidance", "1", "--out", tmp_path / "s")
     assert res.returncode == 2 and "--guidance-range" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert distill_main("sample", out / "steps-1", "--seeds", "0-3", "--out", tmp_path / "s").returncode == 0
+
+
+def test_publish_records_a_students_default_sampler_on_its_own_grid(tmp_path, teacher_file, distill_main):
+    out = tmp_path / "pd"
+    assert distill_main("progressive", teacher_file, "--out", out, "--start-steps", "4", "--target-steps", "2",
+                        "--round-steps", "1", "--batch-size", "8").returncode == 0
+    dest = tmp_path / "student.safetensors"
+    res = distill_main("teacher", "publish", out / "steps-2", dest, "--sampler", "heun")
+    assert res.returncode == 2 and "own 2-step grid" in res.stderr and not dest.exists()
+    assert distill_main("teacher", "publish", out / "steps-2", dest, "--sampler", "stochastic").returncode == 0
+    meta = read_metadata(dest)
+    assert meta["card"]["sampler"] == "stochastic" and meta["card"]["distilled_sampler"] == "ddim"
+    assert card_sampling(meta) == ("stochastic", 2, "uniform", [1.0, 0.5, 0.0])
+    res = distill_main("eval", dest, "--seeds", "0-7", "--metrics", "fd", "--data", "digits")
+    assert res.returncode == 0 and "stochastic 2 steps" in res.stdout
