@@ -7,8 +7,8 @@ Rows (one CSV, rewritten atomically after each row; a rerun skips the rows alrea
 - every student stage of ``--run`` (``steps-N``: its card's N steps and exact timesteps) at w = 0, with each of
   ``--student-samplers`` (DDIM, the one the rounds distil, and Meng et al.'s N-step stochastic sampler);
 - the teacher with each training-free sampler (DDPM, DDIM, Heun, DPM-Solver++(2M), stochastic) at the students'
-  NFEs, and
-  at its converged setting (``--teacher-best``, DPM-Solver++(2M) 20 steps);
+  NFEs, at its converged setting (``--teacher-best``, DPM-Solver++(2M) 20 steps), and at its converged DDIM
+  (``--teacher-ode``, 64 steps): the deterministic sampler the rounds distil, the students' DDIM ceiling;
 - guidance: the ``--guidance-student`` (default the 4-step one) and the teacher's converged sampler at each
   ``--guidance-weights`` w, with ``--guidance-samples`` samples.
 
@@ -150,6 +150,11 @@ def guidance_checks(rows: pd.DataFrame, student: str, teacher_best: tuple[str, i
     return out
 
 
+def _fd_of(rows: pd.DataFrame, sampler: str, steps: int) -> float | None:
+    match = rows[(rows["sampler"] == sampler) & (rows["steps"] == steps)]
+    return float(match["fd"].iloc[0]) if len(match) else None
+
+
 def markdown(df: pd.DataFrame, meta: dict, comp: dict, check_rows: list[dict]) -> str:
     cols = ["model", "sampler", "steps", "nfe", "guidance", "n_fake", "fd", "fid", "acc", "sample_seconds"]
     lines = [f"# Progressive distillation: {meta['run']} (teacher {meta['teacher']})", "",
@@ -176,6 +181,11 @@ def markdown(df: pd.DataFrame, meta: dict, comp: dict, check_rows: list[dict]) -
     lines += ["", "## Acceptance checks", "", "| check | value | bound | pass |", "|---|---|---|---|"]
     for c in check_rows:
         lines.append(f"| {c['check']} | {c['value']} | {c['bound']} | {'yes' if c['pass'] else '**no**'} |")
+    if meta.get("ode_fd") is not None:
+        lines += ["", f"The rounds distil the teacher's deterministic sampler; converged ({meta['teacher_ode'][0]} "
+                      f"{meta['teacher_ode'][1]} steps) its FD is {meta['ode_fd']:.4g}, "
+                      f"{meta['ode_fd'] / meta['best_fd']:.2f}x the teacher's best ({meta['best_fd']:.4g}): a "
+                      "student that reproduced it exactly would sit there with DDIM."]
     lines += ["", "## Distillation compute", "",
               f"{comp['teacher_step_equivalents']} teacher-training-step equivalents ({comp['seconds'] / 60:.0f} min "
               f"of step time) against the teacher's {comp['teacher_train_steps']} training steps. A student step "
@@ -201,6 +211,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--student-samplers", default="ddim,stochastic", help="samplers each student runs with")
     p.add_argument("--teacher-nfe", default="1,2,4", help="NFEs of the training-free samplers' rows")
     p.add_argument("--teacher-best", default="dpmpp_2m:20", help="the teacher's converged sampler:steps")
+    p.add_argument("--teacher-ode", default="ddim:64", help="the converged sampler:steps the rounds distil")
     p.add_argument("--guidance-weights", default="0,0.5,1,2")
     p.add_argument("--guidance-samples", type=int, default=1000)
     p.add_argument("--guidance-student", default="steps-4")
@@ -244,6 +255,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             run_row(name, "student", den, sampler, None, 0.0, args.samples, quality)
     best_sampler, best_steps = args.teacher_best.split(":")
     run_row("teacher", "teacher", teacher, best_sampler, int(best_steps), 0.0, args.samples, quality)
+    ode_sampler, ode_steps = args.teacher_ode.split(":")
+    run_row("teacher", "teacher", teacher, ode_sampler, int(ode_steps), 0.0, args.samples, light)
     for sampler in TEACHER_SAMPLERS:
         seen = set()
         for budget in parse_int_list(args.teacher_nfe, "--teacher-nfe"):
@@ -272,7 +285,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         df[df["n_fake"] == args.guidance_samples], args.guidance_student, (best_sampler, int(best_steps)))
     meta = {"run": str(args.run), "teacher": args.teacher, "data": data_spec, "samples": args.samples,
             "guidance_samples": args.guidance_samples, "guidance_student": args.guidance_student,
-            "teacher_best": (best_sampler, int(best_steps)), "bf16": args.bf16, "threads": torch.get_num_threads(),
+            "teacher_best": (best_sampler, int(best_steps)), "teacher_ode": (ode_sampler, int(ode_steps)),
+            "best_fd": best_fd, "ode_fd": _fd_of(best, ode_sampler, int(ode_steps)), "bf16": args.bf16, "threads": torch.get_num_threads(),
             "command": "python -m benchmarks.progressive " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": time.strftime("%Y-%m-%d")}
     write_json(args.out.with_suffix(".json"), {"meta": meta, "compute": comp, "checks": check_rows,
