@@ -159,8 +159,8 @@ def markdown(df: pd.DataFrame, meta: dict, comp: dict, check_rows: list[dict]) -
     cols = ["model", "sampler", "steps", "nfe", "guidance", "n_fake", "fd", "fid", "acc", "sample_seconds"]
     lines = [f"# Progressive distillation: {meta['run']} (teacher {meta['teacher']})", "",
              f"Against real half A of `{meta['data']}`; FD/accuracy with the domain classifier, FID with "
-             f"InceptionV3. Students sample on their card's steps and exact timesteps, with DDIM (what the rounds distil) and "
-             f"Meng et al.'s N-step stochastic sampler (same NFE); bf16 = {meta['bf16']}; "
+             f"InceptionV3. Students sample on their card's steps and exact timesteps, with DDIM (what the rounds "
+             f"distil) and Meng et al.'s N-step stochastic sampler (same NFE); bf16 = {meta['bf16']}; "
              f"{meta['threads']} CPU threads; sample_seconds is the time to draw all n_fake samples.", "",
              "## Quality and time per step count (w = 0)", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -286,7 +286,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     meta = {"run": str(args.run), "teacher": args.teacher, "data": data_spec, "samples": args.samples,
             "guidance_samples": args.guidance_samples, "guidance_student": args.guidance_student,
             "teacher_best": (best_sampler, int(best_steps)), "teacher_ode": (ode_sampler, int(ode_steps)),
-            "best_fd": best_fd, "ode_fd": _fd_of(best, ode_sampler, int(ode_steps)), "bf16": args.bf16, "threads": torch.get_num_threads(),
+            "best_fd": best_fd, "ode_fd": _fd_of(best, ode_sampler, int(ode_steps)), "bf16": args.bf16,
+            "threads": torch.get_num_threads(),
             "command": "python -m benchmarks.progressive " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": time.strftime("%Y-%m-%d")}
     write_json(args.out.with_suffix(".json"), {"meta": meta, "compute": comp, "checks": check_rows,

@@ -121,10 +121,9 @@ def publish(run: Path | str, dest: Path, *, guidance: float, data_spec: str | No
         load_dataset(data_spec)  # an unknown or unreadable --data fails here, not later in distill eval
     card = {**(meta.get("card") or {}), "guidance": guidance}
     if sampler is not None and sampler != card.get("sampler"):
-        from distill.samplers import GRID_SAMPLERS, SAMPLERS
+        from distill.samplers import GRID_SAMPLERS, check_sampler_options
 
-        if sampler not in SAMPLERS:
-            raise UsageError(f"--sampler {sampler!r}: unknown; use one of {', '.join(SAMPLERS)}")
+        check_sampler_options(sampler)
         if card.get("steps") and sampler not in GRID_SAMPLERS:
             raise UsageError(f"--sampler {sampler}: {src} is a distilled student that samples on its own "
                              f"{card['steps']}-step grid; use one of {', '.join(GRID_SAMPLERS)}")
