@@ -260,6 +260,9 @@ def teacher_publish(run, dest, guidance, data_spec, sampler):
               help="Guidance distillation first: a student taking w as an input, for every w in [LO, HI].")
 @click.option("--guidance-steps", type=click.IntRange(1, 10**9), default=1000, metavar="N",
               help="Optimizer steps of the guidance stage.")
+@click.option("--guidance-lr-scale", type=Finite(min=0, min_open=True), default=30.0, metavar="X",
+              help="The guidance stage's learning rate for the new (zero-initialised) w embedding, as a multiple of "
+                   "--lr.")
 @click.option("--guidance", type=Finite(), default=None, metavar="W",
               help="Without --guidance-range: the fixed guidance weight distilled into the student [default: the "
                    "teacher card's].")
@@ -278,8 +281,8 @@ def teacher_publish(run, dest, guidance, data_spec, sampler):
 @click.option("--threads", type=click.IntRange(1), default=None, callback=_threads,
               help="torch CPU threads (at most 4 per core).")
 def progressive(teacher, out, data_spec, start_steps, target_steps, round_steps, guidance_range,
-                guidance_steps, guidance, prediction, label_dropout, lr, batch_size, warmup, grad_clip, bf16, seed,
-                ckpt_every, threads):
+                guidance_steps, guidance_lr_scale, guidance, prediction, label_dropout, lr, batch_size, warmup,
+                grad_clip, bf16, seed, ckpt_every, threads):
     """Progressive distillation (Salimans & Ho 2022): halve the teacher's step count round by round.
 
     Each round trains a student (starting as the previous round's model) so that one of its DDIM steps equals two
@@ -314,7 +317,8 @@ def progressive(teacher, out, data_spec, start_steps, target_steps, round_steps,
 
         torch.set_num_threads(threads)
     opts = ProgressiveOptions(start_steps=start_steps, target_steps=target_steps, round_steps=rounds,
-                              guidance_range=grange, guidance_steps=guidance_steps, guidance=guidance,
+                              guidance_range=grange, guidance_steps=guidance_steps,
+                              guidance_lr_scale=guidance_lr_scale, guidance=guidance,
                               prediction=prediction, label_dropout=label_dropout, lr=lr, batch_size=batch_size,
                               warmup=warmup, grad_clip=grad_clip, bf16=bf16, seed=seed, ckpt_every=ckpt_every)
     paths = distill_progressive(teacher, out, opts, data_spec=data_spec,

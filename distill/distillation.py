@@ -37,6 +37,7 @@ class ProgressiveOptions:
     round_steps: tuple[int, ...] = (1000,)  # optimizer steps per round, in round order; the last value repeats
     guidance_range: tuple[float, float] | None = None  # (lo, hi): guidance distillation first, w drawn per example
     guidance_steps: int = 1000  # optimizer steps of the guidance stage
+    guidance_lr_scale: float = 30.0  # the guidance stage's learning rate for the new w embedding, x --lr
     guidance: float | None = None  # without a range: the fixed w distilled into the student [teacher card's]
     prediction: str | None = None  # the student's: v or x0 [the teacher's; v for an eps teacher]
     label_dropout: float = 0.0
@@ -81,6 +82,8 @@ class ProgressiveOptions:
         d = asdict(self)
         d.pop("target_steps")
         d.pop("ckpt_every")
+        if self.guidance_range is None:
+            d.pop("guidance_lr_scale")  # no guidance stage
         return json.loads(json.dumps(d))
 
 
@@ -266,7 +269,9 @@ def distill_progressive(teacher_spec: str, out: Path, opts: ProgressiveOptions, 
                 }
                 cfg = TrainConfig(steps=stage.train_steps, batch_size=opts.batch_size, lr=opts.lr,
                                   warmup=opts.warmup, lr_decay="linear", grad_clip=opts.grad_clip, ema_decay=0.0,
-                                  bf16=opts.bf16, seed=opts.seed, ckpt_every=opts.ckpt_every)
+                                  bf16=opts.bf16, seed=opts.seed, ckpt_every=opts.ckpt_every,
+                                  lr_scale={"guidance_mlp.": opts.guidance_lr_scale} if stage.student_steps is None
+                                  else {})
                 resume = (stage_dir / STATE_FILE).exists()
                 log(f"{what}: {'resuming' if resume else 'training'} {stage.train_steps} steps")
                 Trainer(student, loss, data, cfg, stage_dir, meta).run(resume=resume, progress=progress,

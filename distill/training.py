@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,8 @@ class TrainConfig:
     seed: int = 0
     ckpt_every: int = 500
     log_every: int = 25
+    # parameter-name prefix -> learning-rate multiplier (e.g. a new zero-initialised layer that must catch up)
+    lr_scale: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
         checks = [
@@ -76,6 +78,7 @@ class TrainConfig:
             (self.ckpt_every >= 1, "--ckpt-every must be >= 1"),
             (self.log_every >= 1, "--log-every must be >= 1"),
             (0 <= self.seed < 2**32, "--seed must be in 0 to 2**32 - 1"),
+            (all(math.isfinite(v) and v > 0 for v in self.lr_scale.values()), "learning-rate scales must be > 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -92,6 +95,17 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     if cfg.lr_decay == "cosine":
         return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
     return cfg.lr
+
+
+def param_groups(net: torch.nn.Module, lr_scale: dict[str, float]) -> list[dict[str, Any]]:
+    """The trainable parameters as optimizer groups: one per learning-rate scale (the first matching name prefix
+    in ``lr_scale`` wins), the rest at scale 1; a single group when ``lr_scale`` is empty."""
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for name, p in net.named_parameters():
+        if p.requires_grad:
+            scale = next((float(v) for k, v in lr_scale.items() if name.startswith(k)), 1.0)
+            groups.setdefault(scale, []).append(p)
+    return [{"params": ps, "lr_scale": scale} for scale, ps in groups.items()]
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
@@ -159,8 +173,8 @@ class Trainer:
                                        cpu=not torch.cuda.is_available())
         self.model = model
         self.loss = loss.to(self.accelerator.device) if isinstance(loss, torch.nn.Module) else loss
-        params = [p for p in model.net.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(param_groups(model.net, cfg.lr_scale), lr=cfg.lr, betas=cfg.betas,
+                                           weight_decay=cfg.weight_decay)
         self.net, self.optimizer = self.accelerator.prepare(model.net, self.optimizer)
         model.net = self.net  # the loss calls the prepared (possibly DDP-wrapped) network through the denoiser
         self.ema = None
@@ -256,7 +270,7 @@ class Trainer:
         labels = self.data.labels[idx].to(acc.device) if self.data.labels is not None else None
         lr = learning_rate(cfg, self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         self.net.train()
         with acc.autocast():
             loss = self.loss(self.model, x0, labels, generator).mean()

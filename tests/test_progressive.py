@@ -131,6 +131,25 @@ def test_a_student_starts_as_its_teacher_for_every_w_without_dropout():
                 torch.testing.assert_close(got, teacher(x0, t, Cond(labels)))
 
 
+def test_the_guidance_stage_trains_the_new_w_embedding_at_a_scaled_learning_rate(tmp_path):
+    from distill.training import TrainConfig, Trainer
+
+    teacher = _tiny_denoiser(0)
+    student = make_student(teacher, guidance_input=True, prediction="v")
+    before = {k: v.clone() for k, v in student.net.state_dict().items()}
+    cfg = TrainConfig(steps=1, batch_size=8, lr=1e-3, warmup=0, ema_decay=0.0, grad_clip=0.0,
+                      lr_scale={"guidance_mlp.": 10.0})
+    meta = {"model": {"arch": "unet", "config": student.net.config.to_dict()},
+            "diffusion": {"schedule": student.schedule.config(), "prediction": "v", "time_input": "t1000"}}
+    trainer = Trainer(student, GuidanceLoss(teacher, (0.0, 2.0)), load_dataset("digits"), cfg, tmp_path / "g", meta)
+    trainer.run(progress=False)
+    assert sorted(g["lr_scale"] for g in trainer.optimizer.param_groups) == [1.0, 10.0]
+    # Adam's first step moves every parameter with a gradient by about lr in size: 10 x lr for the w embedding.
+    moved = {k: float((v - before[k]).abs().max()) for k, v in trainer.inference_net().state_dict().items()}
+    assert moved["guidance_mlp.2.weight"] == pytest.approx(1e-2, rel=0.05)
+    assert moved["conv_in.weight"] == pytest.approx(1e-3, rel=0.05)
+
+
 def test_options_are_checked():
     with pytest.raises(UsageError, match="power of 2"):
         ProgressiveOptions(start_steps=48, target_steps=1).validate()
@@ -272,12 +291,26 @@ def test_an_unconditional_teacher_cannot_be_guidance_distilled(tmp_path, distill
     assert code == 2 and "unconditional" in err
 
 
-def test_the_recipe_parses_and_names_the_shipped_teacher():
-    import yaml
+@pytest.mark.parametrize("recipe, want", [
+    ("mnist-students.yaml", dict(start_steps=64, target_steps=1, guidance_range=None, lr=1e-4, bf16=True)),
+    ("mnist-guided.yaml", dict(start_steps=64, target_steps=4, guidance_range=(0.0, 2.0), guidance_steps=800,
+                               guidance_lr_scale=30.0, bf16=True)),
+])
+def test_the_recipes_are_valid_configs_of_the_command(tmp_path, distill_main, monkeypatch, recipe, want):
+    import distill.distillation
 
-    doc = yaml.safe_load(Path(__file__).resolve().parents[1].joinpath("recipes/mnist-students.yaml").read_text())
-    section = doc["progressive"]
-    assert section["teacher"] == "mnist" and section["start-steps"] == 64 and section["target-steps"] == 1
+    seen = {}
+
+    def fake(teacher, out, opts, **kw):
+        seen.update(teacher=teacher, out=out, opts=opts)
+        return []
+
+    monkeypatch.setattr(distill.distillation, "distill_progressive", fake)
+    path = Path(__file__).resolve().parents[1] / "recipes" / recipe
+    code, _, err = distill_main("progressive", "--config", path, "--out", tmp_path / "run")
+    assert code == 0, err
+    assert seen["teacher"] == "mnist" and seen["out"] == tmp_path / "run"
+    assert {k: getattr(seen["opts"], k) for k in want} == want
 
 
 # -- the benchmark's bookkeeping ----------------------------------------------------------------------------------
@@ -313,6 +346,15 @@ def test_benchmark_checks_and_compute_are_computed_from_the_rows(tmp_path, teach
          "n_fake": 10},
     ])
     assert [c["pass"] for c in guidance_checks(g, "steps-4", ("dpmpp_2m", 20))] == [True, False]
+    more = pd.DataFrame([  # a second sampler per w: the student's best FD at each w is checked, and named
+        {"model": "steps-4", "sampler": "stochastic", "steps": 4, "guidance": 1.0, "fd": 0.50, "acc": 0.995,
+         "n_fake": 10},
+        {"model": "steps-4", "sampler": "stochastic", "steps": 4, "guidance": 2.0, "fd": 0.36, "acc": 0.995,
+         "n_fake": 10},
+    ])
+    checks = guidance_checks(pd.concat([g, more], ignore_index=True), "steps-4", ("dpmpp_2m", 20))
+    assert [c["pass"] for c in checks] == [True, True]
+    assert "steps-4 (ddim)" in checks[0]["check"] and "steps-4 (stochastic)" in checks[1]["check"]
     out = tmp_path / "pd"
     assert distill_main("progressive", teacher_file, "--out", out, *PD_ARGS)[0] == 0
     comp = compute(out)
