@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -446,10 +447,17 @@ def _interrupted(e: BaseException) -> None:
     sys.exit(code)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
 def main() -> None:
-    """Console entry point: user mistakes end with one line and their exit code, no traceback."""
+    """Console entry point: user mistakes end with one line and their exit code, no traceback; warnings are one
+    line each."""
     try:
-        cli.main(standalone_mode=False)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            cli.main(standalone_mode=False)
     except click.exceptions.Abort as e:
         # click turns KeyboardInterrupt (and our SIGTERM handler's Terminated) into Abort.
         if isinstance(e.__cause__, KeyboardInterrupt):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,10 @@ def draw_samples(den, *, sampler: str | None = None, steps: int | None = None, s
         raise UsageError(f"--guidance: {source} is a student distilled at w = {card.get('distilled_guidance', 0)} "
                          "without the null class, so classifier-free guidance cannot run on it; drop --guidance, or "
                          "distill with --guidance-range for a student that takes w")
+    grange = card.get("guidance_range")
+    if den.guidance_input and grange and not grange[0] <= guidance <= grange[1]:
+        warnings.warn(f"--guidance {guidance:g}: {source} was distilled for w in [{grange[0]:g}, {grange[1]:g}]; "
+                      "outside it the student extrapolates, untested", stacklevel=2)
     if classes is not None and any(c < 0 or c >= num_classes for c in classes):
         raise UsageError(f"--classes: labels must be in 0-{num_classes - 1} for {source}")
     if num_classes and classes is None:

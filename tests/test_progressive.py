@@ -427,3 +427,28 @@ def test_publish_records_a_students_default_sampler_on_its_own_grid(tmp_path, te
     assert card_sampling(meta) == ("stochastic", 2, "uniform", [1.0, 0.5, 0.0])
     res = distill_main("eval", dest, "--seeds", "0-7", "--metrics", "fd", "--data", "digits")
     assert res.returncode == 0 and "stochastic 2 steps" in res.stdout
+
+
+def test_the_shipped_guided_student_samples_any_w_in_its_range_and_warns_outside_it():
+    import warnings
+
+    from distill.sampling import draw_samples
+
+    den = load_denoiser("mnist-4step-guided")
+    card = den.metadata["card"]
+    assert den.guidance_input and card["guidance_range"] == [0.0, 2.0] and card["steps"] == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        images, labels = draw_samples(den, seeds=[0, 1], guidance=1.5, progress=False)
+    assert images.shape == (2, 32, 32, 1) and labels.tolist() == [0, 1]  # MNIST padded to 32
+    with pytest.warns(UserWarning, match=r"--guidance 3: .* w in \[0, 2\]"):
+        draw_samples(den, seeds=[0], guidance=3.0, progress=False)
+
+
+def test_the_command_line_shows_the_out_of_range_warning_as_one_line(tmp_path, distill_main):
+    code, _, err = distill_main("sample", "mnist-4step-guided", "--seeds", "0", "--guidance", "2.5",
+                                "--out", tmp_path / "s")
+    assert code == 0
+    lines = [ln for ln in err.splitlines() if "warning" in ln]
+    assert lines == ["warning: --guidance 2.5: mnist-4step-guided was distilled for w in [0, 2]; outside it the "
+                     "student extrapolates, untested"]
