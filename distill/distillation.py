@@ -200,6 +200,7 @@ def distill_progressive(teacher_spec: str, out: Path, opts: ProgressiveOptions, 
     from distill.data import load_dataset
     from distill.losses import Loss
     from distill.methods.progressive import GuidanceLoss, ProgressiveLoss
+    from distill.models.unet import GUIDANCE_EMBED_PARAMS
     from distill.rundir import remove_stale_temp_files, run_lock
     from distill.training import MODEL_FILE, STATE_FILE, TrainConfig, Trainer
 
@@ -270,8 +271,8 @@ def distill_progressive(teacher_spec: str, out: Path, opts: ProgressiveOptions, 
                 cfg = TrainConfig(steps=stage.train_steps, batch_size=opts.batch_size, lr=opts.lr,
                                   warmup=opts.warmup, lr_decay="linear", grad_clip=opts.grad_clip, ema_decay=0.0,
                                   bf16=opts.bf16, seed=opts.seed, ckpt_every=opts.ckpt_every,
-                                  lr_scale={"guidance_mlp.": opts.guidance_lr_scale} if stage.student_steps is None
-                                  else {})
+                                  lr_scale={GUIDANCE_EMBED_PARAMS: opts.guidance_lr_scale}
+                                  if stage.student_steps is None else {})
                 resume = (stage_dir / STATE_FILE).exists()
                 log(f"{what}: {'resuming' if resume else 'training'} {stage.train_steps} steps")
                 Trainer(student, loss, data, cfg, stage_dir, meta).run(resume=resume, progress=progress,

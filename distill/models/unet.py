@@ -58,6 +58,8 @@ def _groups(ch: int) -> int:
 
 # The guidance weight is embedded like time, scaled so that w in [0, 10] spans the range 1000 t spans for time.
 GUIDANCE_EMBED_SCALE = 100.0
+# The name prefix of the w embedding's parameters (``UNet.guidance_mlp``): what a guidance student adds to its teacher.
+GUIDANCE_EMBED_PARAMS = "guidance_mlp."
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -208,6 +210,6 @@ def with_guidance_embedding(net: UNet) -> UNet:
 
     student = UNet(replace(net.config, guidance_embed=True)).to(next(net.parameters()).device)
     missing, unexpected = student.load_state_dict(net.state_dict(), strict=False)
-    if unexpected or any(not k.startswith("guidance_mlp.") for k in missing):
+    if unexpected or any(not k.startswith(GUIDANCE_EMBED_PARAMS) for k in missing):
         raise ValueError(f"cannot copy weights into a guidance student: missing {missing}, unexpected {unexpected}")
     return student.train(net.training)
