@@ -142,6 +142,14 @@ def validate_model(tensors: dict[str, Tensor], meta: dict[str, Any], path: Path 
     return den
 
 
+def model_metadata(den) -> dict[str, Any]:
+    """The ``model`` and ``diffusion`` metadata that rebuild ``den`` (:func:`build_denoiser`'s input)."""
+    diffusion = {"schedule": den.schedule.config(), "prediction": den.prediction, "time_input": den.time_input}
+    if den.consistency:
+        diffusion["consistency"] = dict(den.consistency)
+    return {"model": {"arch": "unet", "config": den.net.config.to_dict()}, "diffusion": diffusion}
+
+
 def build_denoiser(meta: dict[str, Any], source: str = "checkpoint"):
     """Rebuild an (untrained) denoiser from model metadata; incomplete metadata is a one-line UsageError."""
     from distill.denoiser import Denoiser
@@ -158,7 +166,8 @@ def build_denoiser(meta: dict[str, Any], source: str = "checkpoint"):
         cfg = UNetConfig.from_dict(model["config"])
         null = cfg.num_classes if cfg.num_classes else None
         return Denoiser(UNet(cfg), schedule_from_config(diffusion["schedule"]), diffusion["prediction"],
-                        diffusion["time_input"], null_label=null, guidance_input=cfg.guidance_embed)
+                        diffusion["time_input"], null_label=null, guidance_input=cfg.guidance_embed,
+                        consistency=diffusion.get("consistency"))
     except KeyError as e:
         raise UsageError(f"{source}: incomplete metadata (missing {e}); re-create the file with distill") from None
     except (TypeError, ValueError) as e:
@@ -200,15 +209,20 @@ def card_sampling(meta: dict[str, Any], sampler: str | None = None, steps: int |
     """``(sampler, steps, spacing, timesteps)`` to sample a model with: what the user gave, else what its card
     names (a distilled student's own sampler, step count and exact timesteps), else DPM-Solver++(2M) at 20 steps.
     The card's step count and exact timesteps are used whenever the sampler is the card's or, for a card whose
-    sampler walks a given grid, any such sampler (``GRID_SAMPLERS``: ddim, ddpm, stochastic), and the step count
-    and spacing are not overridden."""
+    sampler walks a given grid, any such sampler (``GRID_SAMPLERS``: ddim, ddpm, stochastic, consistency), and the
+    step count and spacing are not overridden. A card may also hold exact timesteps for other step counts
+    (``timesteps_by_steps``, e.g. a consistency student's searched 2- and 3-step grids), used when such a count is
+    asked for."""
     card = meta.get("card") or {}
     sampler = sampler or card.get("sampler") or DEFAULT_SAMPLER
     on_grid = sampler == card.get("sampler") or (sampler in GRID_SAMPLERS and card.get("sampler") in GRID_SAMPLERS)
     steps = steps or (card.get("steps") if on_grid else None) or DEFAULT_STEPS
-    own = on_grid and steps == card.get("steps") and spacing in (None, card.get("spacing"))
-    if own:
-        return sampler, steps, card.get("spacing"), card.get("timesteps")
+    if on_grid and spacing in (None, card.get("spacing")):
+        if steps == card.get("steps"):
+            return sampler, steps, card.get("spacing"), card.get("timesteps")
+        other = (card.get("timesteps_by_steps") or {}).get(str(steps))
+        if other is not None:
+            return sampler, steps, card.get("spacing"), other
     return sampler, steps, spacing, None
 
 

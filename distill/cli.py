@@ -119,7 +119,7 @@ def cli():
 
 
 # distill.samplers.SAMPLERS' names, spelled out so that --help does not import torch (a test keeps them equal).
-SAMPLER_NAMES = ("ddpm", "ddim", "euler", "heun", "dpmpp_2m", "stochastic")
+SAMPLER_NAMES = ("ddpm", "ddim", "euler", "heun", "dpmpp_2m", "stochastic", "consistency")
 
 
 def sampling_options(command):
@@ -325,6 +325,116 @@ def progressive(teacher, out, data_spec, start_steps, target_steps, round_steps,
     paths = distill_progressive(teacher, out, opts, data_spec=data_spec,
                                 command=" ".join(["distill", *sys.argv[1:]]), log=click.echo)
     click.echo(f"students: {', '.join(str(p) for p in paths)}")
+
+
+@cli.command("consistency")
+@config_option("consistency")
+@click.argument("teacher", metavar="TEACHER", required=False, callback=_non_empty)
+@click.option("--out", type=NonEmptyPath(file_okay=False, path_type=Path), required=True, metavar="DIR",
+              help="Run directory (model.safetensors with the student card, train_state.safetensors, metrics.jsonl).")
+@click.option("--mode", type=click.Choice(["cd", "ct"]), default="cd",
+              help="cd: consistency distillation (teacher ODE steps give the targets); ct: consistency training (no "
+                   "teacher evaluations; initialised from TEACHER unless --from-scratch).")
+@click.option("--data", "data_spec", default=None, metavar="SPEC",
+              help="Training images [default: the teacher's training data].")
+@click.option("--steps", type=click.IntRange(1, 10**9), default=2000, metavar="N", help="Optimizer steps.")
+@click.option("--scales", type=click.IntRange(2, 1 << 20), default=None, metavar="N",
+              help="A fixed discretization of N noise levels [cd: 18].")
+@click.option("--curriculum", default=None, metavar="S0,S1",
+              help="The doubling curriculum N(k) = min(S0 2^(k/K'), S1) + 1 of improved CT [ct: 10,1280].")
+@click.option("--solver", type=click.Choice(["ddim", "euler", "heun"]), default="heun",
+              help="cd: the teacher's ODE step between adjacent noise levels (euler is the DDIM step on the "
+                   "VE-equivalent state).")
+@click.option("--target-decay", type=Finite(0, 1, max_open=True), default=0.0, metavar="MU",
+              help="The target network's EMA decay (0: the stop-gradient copy of the current weights).")
+@click.option("--metric", type=click.Choice(["l2", "pseudo_huber"]), default="pseudo_huber",
+              help="Distance between online and target outputs (pseudo-Huber: c = 0.00054 sqrt(d)).")
+@click.option("--weighting", type=click.Choice(["uniform", "inverse_gap"]), default=None,
+              help="Per-pair weight: 1, or 1 / (sigma_{n+1} - sigma_n) [cd: uniform; ct: inverse_gap].")
+@click.option("--noise-sampling", type=click.Choice(["uniform", "lognormal"]), default=None,
+              help="How the pair's noise level is drawn [cd: uniform; ct: lognormal (-1.1, 2.0)].")
+@click.option("--from-scratch", is_flag=True, help="ct: the teacher's architecture with fresh weights.")
+@click.option("--sigma-data", type=Finite(min=0, min_open=True), default=0.5, metavar="S",
+              help="sigma_data of the boundary-condition scalings.")
+@click.option("--dropout", type=Finite(0, 0.9), default=0.0,
+              help="The student's dropout (the same masks in online and target evaluations).")
+@click.option("--guidance-range", default=None, metavar="LO,HI",
+              help="cd: a student taking w as an input, distilled from the guided teacher for every w in [LO, HI].")
+@click.option("--guidance-lr-scale", type=Finite(min=0, min_open=True), default=30.0, metavar="X",
+              help="The new w embedding's learning rate, as a multiple of --lr.")
+@click.option("--guidance", type=Finite(), default=None, metavar="W",
+              help="cd without --guidance-range: the fixed guidance weight distilled in [default: the teacher "
+                   "card's].")
+@click.option("--prediction", type=click.Choice(["v", "x0"]), default=None,
+              help="What the student's network predicts [default: the teacher's; v for an eps teacher].")
+@click.option("--label-dropout", type=Finite(0, 1), default=0.0,
+              help="Probability of training an example with the null class.")
+@click.option("--lr", type=Finite(min=0, min_open=True), default=1e-4, help="Adam learning rate (constant).")
+@click.option("--batch-size", type=click.IntRange(1, 65536), default=128, metavar="B")
+@click.option("--warmup", type=click.IntRange(0, 10**9), default=0, metavar="N")
+@click.option("--grad-clip", type=Finite(0), default=1.0)
+@click.option("--ema-decay", type=Finite(0, 1, max_open=True), default=0.999,
+              help="EMA of the weights saved as the model (0: the trained weights).")
+@click.option("--bf16/--no-bf16", default=False, help="bf16 autocast (fast on CPUs with AMX).")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0)
+@click.option("--ckpt-every", type=click.IntRange(1, 10**9), default=100, metavar="N")
+@click.option("--search-samples", type=click.IntRange(0, 10**6), default=500, metavar="N",
+              help="Validation samples for the search of the multistep sampling times (0: no search).")
+@click.option("--max-steps", type=click.IntRange(1, 16), default=3, metavar="K",
+              help="Search sampling times for 2 .. K steps.")
+@click.option("--sample-steps", type=click.IntRange(1, 16), default=2, metavar="K",
+              help="The card's default step count (distill sample/eval use it).")
+@click.option("--threads", type=click.IntRange(1), default=None, callback=_threads,
+              help="torch CPU threads (at most 4 per core).")
+def consistency(teacher, out, mode, data_spec, steps, scales, curriculum, solver, target_decay, metric, weighting,
+                noise_sampling, from_scratch, sigma_data, dropout, guidance_range, guidance_lr_scale, guidance,
+                prediction, label_dropout, lr, batch_size, warmup, grad_clip, ema_decay, bf16, seed, ckpt_every,
+                search_samples, max_steps, sample_steps, threads):
+    """Consistency distillation or consistency training (Song et al. 2023; Song & Dhariwal 2023).
+
+    The student is TEACHER's network behind the boundary condition f(x, sigma_min) = x, trained so that two
+    adjacent points of one trajectory map to the same clean image: with --mode cd the lower point is one ODE step
+    of the teacher from the upper one; with --mode ct both are the same training image noised with the same noise
+    (no teacher evaluations). It samples in 1, 2 or 3 steps (the consistency sampler); after training, the
+    intermediate times are searched on validation samples and written into the student card, which distill sample
+    and distill eval use. Run the same command again to continue an interrupted run.
+
+    \b
+    Example:
+      distill consistency mnist --out runs/mnist-cd --mode cd --steps 1000 --bf16
+      distill consistency --config recipes/mnist-cd.yaml
+      distill sample runs/mnist-cd --seeds 0-99 --steps 1
+    """
+    if teacher is None:
+        raise UsageError("missing TEACHER: give a model file, run directory or shipped name (e.g. mnist), or "
+                         "'teacher:' in the --config file")
+    from distill.parsing import parse_float_pair
+    from distill.preflight import check_output_dir
+
+    check_output_dir(out, "--out")
+    grange = parse_float_pair(guidance_range, "--guidance-range") if guidance_range is not None else None
+    curr = None
+    if curriculum is not None:
+        curr = tuple(parse_int_list(curriculum, "--curriculum", lo=1, max_count=2))
+        if len(curr) != 2:
+            raise UsageError(f"--curriculum {curriculum}: give two numbers S0,S1, e.g. 10,1280")
+    from distill.consistency import ConsistencyOptions, distill_consistency
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    opts = ConsistencyOptions(mode=mode, steps=steps, scales=scales, curriculum=curr, solver=solver,
+                              target_decay=target_decay, metric=metric, weighting=weighting,
+                              noise_sampling=noise_sampling, from_scratch=from_scratch, sigma_data=sigma_data,
+                              dropout=dropout, guidance_range=grange, guidance_lr_scale=guidance_lr_scale,
+                              guidance=guidance, prediction=prediction, label_dropout=label_dropout, lr=lr,
+                              batch_size=batch_size, warmup=warmup, grad_clip=grad_clip, ema_decay=ema_decay,
+                              bf16=bf16, seed=seed, ckpt_every=ckpt_every, search_samples=search_samples,
+                              max_steps=max_steps, sample_steps=sample_steps)
+    path = distill_consistency(teacher, out, opts, data_spec=data_spec,
+                               command=" ".join(["distill", *sys.argv[1:]]), log=click.echo)
+    click.echo(f"student: {path}")
 
 
 @cli.command("sample")

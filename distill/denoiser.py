@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from distill.parameterization import PREDICTIONS, append_dims, eps_from_x0, to_x0
+from distill.parameterization import PREDICTIONS, append_dims, consistency_output, eps_from_x0, to_x0
 from distill.schedules import DiscreteSchedule, Schedule
 
 # How the network wants its time input, as a function of (schedule, t).
@@ -94,6 +94,10 @@ class Denoiser(nn.Module):
         null_label: the label index meaning "no class" (for classifier-free guidance), or ``None``.
         guidance_input: the network takes the guidance weight ``w`` as a ``(B,)`` float32 input and gives the
             guided prediction in one evaluation (a guidance-distilled student).
+        consistency: ``{"sigma_min": ..., "sigma_data": ...}`` for a consistency model: the network's clean estimate
+            goes through the boundary-condition preconditioning
+            (:func:`~distill.parameterization.consistency_output`), so ``denoise(x_t, t) = x_t / alpha`` exactly
+            where the VE-equivalent noise level is ``sigma_min`` or less.
     """
 
     def __init__(
@@ -104,6 +108,7 @@ class Denoiser(nn.Module):
         time_input: str = "t1000",
         null_label: int | None = None,
         guidance_input: bool = False,
+        consistency: dict[str, float] | None = None,
     ):
         super().__init__()
         if prediction not in PREDICTIONS:
@@ -113,6 +118,16 @@ class Denoiser(nn.Module):
         self.net, self.schedule = net, schedule
         self.prediction, self.time_input, self.null_label = prediction, time_input, null_label
         self.guidance_input = guidance_input
+        self.consistency = {"sigma_min": float(consistency["sigma_min"]),
+                            "sigma_data": float(consistency.get("sigma_data", 0.5))} if consistency else None
+        if self.consistency and not (0 < self.consistency["sigma_min"] and 0 < self.consistency["sigma_data"]):
+            raise ValueError(f"consistency scalings need sigma_min > 0 and sigma_data > 0, got {consistency}")
+
+    def with_net(self, net: nn.Module) -> Denoiser:
+        """The same denoiser (schedule, parameterization, guidance, boundary condition) around another network of
+        the same kind: a consistency method's target network, an EMA."""
+        return Denoiser(net, self.schedule, self.prediction, self.time_input, self.null_label, self.guidance_input,
+                        self.consistency)
 
     def alpha_sigma(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         """Per-sample ``(alpha, sigma)`` (computed in float32) broadcastable against ``like``, in its dtype."""
@@ -128,7 +143,10 @@ class Denoiser(nn.Module):
 
     def _x0(self, x_t: Tensor, t: Tensor, labels: Tensor | None, w: Tensor | None = None) -> Tensor:
         alpha, sigma = self.alpha_sigma(t, x_t)
-        return to_x0(self.raw(x_t, t, labels, w), self.prediction, x_t, alpha, sigma)
+        x0 = to_x0(self.raw(x_t, t, labels, w), self.prediction, x_t, alpha, sigma)
+        if self.consistency is None:
+            return x0
+        return consistency_output(x0, x_t, alpha, sigma, **self.consistency)
 
     def forward(self, x_t: Tensor, t: Tensor | float, cond: Cond | None = None) -> Tensor:
         t = batch_times(t, x_t)

@@ -107,10 +107,12 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def make_student(parent, *, guidance_input: bool, prediction: str, seed: int = 0):
-    """A student that starts as ``parent``: a copy of its network with dropout off (Salimans & Ho), plus a
-    zero-initialised ``w`` embedding when it should take the guidance weight as an input (its hidden layer drawn
-    from ``seed``, so a rerun builds the same student)."""
+def make_student(parent, *, guidance_input: bool, prediction: str, seed: int = 0, dropout: float = 0.0,
+                 consistency: dict[str, float] | None = None):
+    """A student that starts as ``parent``: a copy of its network with dropout ``dropout`` (off by default, as
+    Salimans & Ho), plus a zero-initialised ``w`` embedding when it should take the guidance weight as an input (its
+    hidden layer drawn from ``seed``, so a rerun builds the same student); with ``consistency``, behind the
+    consistency boundary condition."""
     import torch
 
     from distill.denoiser import Denoiser
@@ -119,7 +121,7 @@ def make_student(parent, *, guidance_input: bool, prediction: str, seed: int = 0
     net = copy.deepcopy(parent.net)
     if isinstance(net, UNet):
         state = net.state_dict()
-        net = UNet(replace(net.config, dropout=0.0))
+        net = UNet(replace(net.config, dropout=dropout))
         net.load_state_dict(state)
         if guidance_input and not net.config.guidance_embed:
             with torch.random.fork_rng(devices=[]):
@@ -130,9 +132,9 @@ def make_student(parent, *, guidance_input: bool, prediction: str, seed: int = 0
                          f"is a {type(net).__name__}")
     for m in net.modules():
         if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
+            m.p = dropout
     return Denoiser(net.train(), copy.deepcopy(parent.schedule), prediction, parent.time_input, parent.null_label,
-                    guidance_input=guidance_input or parent.guidance_input)
+                    guidance_input=guidance_input or parent.guidance_input, consistency=consistency)
 
 
 def student_card(*, stage: Stage, index: int, total: int, parent: str, parent_sha256: str, teacher: str,
@@ -191,13 +193,64 @@ def _check_plan(out: Path, record: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps({"format": PLAN_FORMAT, **record}, indent=2)))
 
 
+@dataclass
+class GuidancePlan:
+    """How a distillation treats classifier-free guidance, from the teacher and the options."""
+
+    range: tuple[float, float] | None  # a student taking w as an input, for w in [lo, hi]
+    fixed: float | None  # without a range: the w the teacher is guided with (baked into the student)
+    baked: float | None  # the w baked into the student, recorded on its card
+    default: float  # the student card's default w
+
+
+def guidance_plan(teacher, teacher_spec: str, guidance_range: tuple[float, float] | None,
+                  guidance: float | None) -> GuidancePlan:
+    """The guidance a student of ``teacher`` is distilled for: a range (a ``w``-input student; a teacher that
+    already takes ``w`` keeps its own range), else a fixed ``w`` (the option, else the teacher card's default)."""
+    tcard = teacher.metadata.get("card") or {}
+    conditional = teacher.null_label is not None and bool(getattr(teacher.net, "config", None) and
+                                                         teacher.net.config.num_classes)
+    grange = guidance_range
+    if grange is None and teacher.guidance_input:
+        grange = tuple(tcard.get("guidance_range") or (0.0, 0.0))
+    if grange is not None and not conditional:
+        raise UsageError(f"--guidance-range: {teacher_spec} is unconditional, so there is nothing to guide")
+    fixed = None if grange is not None else float(guidance if guidance is not None else tcard.get("guidance", 0.0))
+    if fixed and not conditional:
+        raise UsageError(f"--guidance: {teacher_spec} is unconditional, so it cannot be guided; drop --guidance")
+    baked = fixed if fixed else tcard.get("distilled_guidance")
+    default_w = float(tcard.get("guidance", 0.0)) if grange is None else \
+        min(max(float(tcard.get("guidance", 0.0)), grange[0]), grange[1])
+    return GuidancePlan(grange, fixed, baked, default_w)
+
+
+def student_prediction(teacher) -> str:
+    """A few-step student predicts what its teacher does, or v for an eps teacher (eps fails at few steps)."""
+    return teacher.prediction if teacher.prediction in ("v", "x0") else "v"
+
+
+def teacher_data(teacher, teacher_spec: str, data_spec: str | None):
+    """``(spec, dataset)``: ``data_spec``, else the teacher's recorded training data, checked against the images
+    the teacher makes."""
+    from distill.data import load_dataset
+
+    data_spec = data_spec or (teacher.metadata.get("data") or {}).get("spec")
+    if not data_spec:
+        raise UsageError(f"{teacher_spec}: does not record its training data; pass --data")
+    data = load_dataset(data_spec)
+    shape = (teacher.net.config.in_channels, teacher.net.config.image_size, teacher.net.config.image_size)
+    if tuple(data.shape) != shape:
+        raise UsageError(f"--data {data_spec}: images are {'x'.join(map(str, data.shape))} but {teacher_spec} "
+                         f"makes {'x'.join(map(str, shape))}; distill on the teacher's own data")
+    return data_spec, data
+
+
 def distill_progressive(teacher_spec: str, out: Path, opts: ProgressiveOptions, *, data_spec: str | None = None,
                         command: str = "", progress: bool = True,
                         log: Callable[[str], None] = print) -> list[Path]:
     """Run (or continue) a progressive distillation of ``teacher_spec`` (a model file, run directory or shipped
     name) into ``out``; returns the model file of every stage, in order."""
-    from distill.checkpoint import load_denoiser, resolve_model_path
-    from distill.data import load_dataset
+    from distill.checkpoint import load_denoiser, model_metadata, resolve_model_path
     from distill.losses import Loss
     from distill.methods.progressive import GuidanceLoss, ProgressiveLoss
     from distill.models.unet import GUIDANCE_EMBED_PARAMS
@@ -208,30 +261,10 @@ def distill_progressive(teacher_spec: str, out: Path, opts: ProgressiveOptions, 
     out = Path(out)
     teacher_path = resolve_model_path(teacher_spec)
     teacher = load_denoiser(teacher_path)
-    tcard = teacher.metadata.get("card") or {}
-    conditional = teacher.null_label is not None and bool(getattr(teacher.net, "config", None) and
-                                                         teacher.net.config.num_classes)
-    grange = opts.guidance_range
-    if grange is None and teacher.guidance_input:
-        grange = tuple(tcard.get("guidance_range") or (0.0, 0.0))
-    if grange is not None and not conditional:
-        raise UsageError(f"--guidance-range: {teacher_spec} is unconditional, so there is nothing to guide")
-    fixed = None if grange is not None else float(opts.guidance if opts.guidance is not None else
-                                                  tcard.get("guidance", 0.0))
-    if fixed and not conditional:
-        raise UsageError(f"--guidance: {teacher_spec} is unconditional, so it cannot be guided; drop --guidance")
-    baked = fixed if fixed else tcard.get("distilled_guidance")
-    prediction = opts.prediction or (teacher.prediction if teacher.prediction in ("v", "x0") else "v")
-    default_w = float(tcard.get("guidance", 0.0)) if grange is None else \
-        min(max(float(tcard.get("guidance", 0.0)), grange[0]), grange[1])
-    data_spec = data_spec or (teacher.metadata.get("data") or {}).get("spec")
-    if not data_spec:
-        raise UsageError(f"{teacher_spec}: does not record its training data; pass --data")
-    data = load_dataset(data_spec)
-    shape = (teacher.net.config.in_channels, teacher.net.config.image_size, teacher.net.config.image_size)
-    if tuple(data.shape) != shape:
-        raise UsageError(f"--data {data_spec}: images are {'x'.join(map(str, data.shape))} but {teacher_spec} "
-                         f"makes {'x'.join(map(str, shape))}; distill on the teacher's own data")
+    plan = guidance_plan(teacher, teacher_spec, opts.guidance_range, opts.guidance)
+    grange, fixed, baked, default_w = plan.range, plan.fixed, plan.baked, plan.default
+    prediction = opts.prediction or student_prediction(teacher)
+    data_spec, data = teacher_data(teacher, teacher_spec, data_spec)
     stages = plan_stages(opts, guidance_stage=grange is not None and not teacher.guidance_input)
     record = {"teacher_sha256": file_sha256(teacher_path), "data": data_spec, **opts.plan_record()}
     paths: list[Path] = []
@@ -262,9 +295,7 @@ def distill_progressive(teacher_spec: str, out: Path, opts: ProgressiveOptions, 
                                     guidance_default=default_w, guidance_range=grange, baked=baked,
                                     teacher_forwards=per_step)
                 meta = {
-                    "model": {"arch": "unet", "config": student.net.config.to_dict()},
-                    "diffusion": {"schedule": student.schedule.config(), "prediction": student.prediction,
-                                  "time_input": student.time_input},
+                    **model_metadata(student),
                     "method": {**loss.describe(), "stage": stage.name, "parent_sha256": sha},
                     "card": card, "command": command,
                 }

@@ -59,3 +59,29 @@ def consistency_scalings(sigma, sigma_min: float, sigma_data: float = 0.5):
     c_out = (sigma - sigma_min) * sigma_data / (sigma**2 + sigma_data**2) ** 0.5
     c_in = 1 / (sigma**2 + sigma_data**2) ** 0.5
     return c_skip, c_out, c_in
+
+
+def edm_scalings(sigma, sigma_data: float = 0.5):
+    """EDM's preconditioning (Karras et al. 2022, Table 1): ``D(x, sigma) = c_skip x + c_out F`` with
+    ``c_skip = sigma_d^2 / (sigma^2 + sigma_d^2)`` and ``c_out = sigma sigma_d / sqrt(sigma^2 + sigma_d^2)`` on the
+    VE-equivalent noise level. A VP v-prediction network is exactly this form with ``sigma_d = 1`` and ``F = -v``."""
+    c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+    c_out = sigma * sigma_data / (sigma**2 + sigma_data**2) ** 0.5
+    return c_skip, c_out
+
+
+def consistency_output(x0: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, sigma_min: float,
+                       sigma_data: float = 0.5) -> Tensor:
+    """A consistency model's output ``f(x, sigma) = c_skip(sigma) x + c_out(sigma) F`` (Song et al. 2023) from a
+    network's clean estimate ``x0`` at ``x_t = alpha x0 + sigma eps`` (alpha, sigma broadcastable).
+
+    Everything is on the VE-equivalent state ``x~ = x_t / alpha`` and noise level ``sigma~ = sigma / alpha`` (clamped
+    to ``sigma_min``, below which the model is the identity). ``F`` is the network in EDM form,
+    ``F = (x0 - c_skip^EDM x~) / c_out^EDM``, so that a student initialised from a teacher starts as the teacher
+    wherever ``sigma~ >> sigma_min``; the boundary scalings then make ``f(x, sigma_min) = x~`` exactly
+    (``c_out(sigma_min) = 0``)."""
+    sig = (sigma / alpha).clamp(min=sigma_min)
+    x_ve = x_t / alpha
+    e_skip, e_out = edm_scalings(sig, sigma_data)
+    c_skip, c_out, _ = consistency_scalings(sig, sigma_min, sigma_data)
+    return c_skip * x_ve + c_out * ((x0 - e_skip * x_ve) / e_out)

@@ -317,6 +317,24 @@ def sample_dpmpp_2m(denoise, x: Tensor, ts: Tensor, *, schedule: Schedule | None
     return x
 
 
+@torch.no_grad()
+def sample_consistency(denoise, x: Tensor, ts: Tensor, *, schedule: Schedule | None = None, cond=None,
+                       generator: PerSampleGenerator | None = None, callback: Callback | None = None,
+                       progress: bool = False) -> Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1): at each grid time the model maps the state
+    straight to clean data, then the forward process noises that estimate afresh to the next grid time,
+    ``x_s = alpha_s x0 + sigma_s z``. One evaluation per interval; with ``ts = [t_max, 0]`` it is the one-step
+    sample ``f(x_T, t_max)``. Meant for consistency models; on any other model it is a crude ancestral sampler."""
+    schedule = _schedule(denoise, schedule)
+    for i in _loop(ts, progress, "consistency"):
+        x0 = denoise(x, _t(ts, i, x), cond)
+        a_s, s_s = alpha_sigma_at(schedule, ts[i + 1])
+        x = renoise(x0, 1.0, 0.0, a_s, s_s, _noise_like(x, generator)) if s_s > 0 else x0
+        if callback is not None:
+            callback({"i": i, "t": ts[i], "x": x, "denoised": x0})
+    return x
+
+
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddpm": sample_ddpm,
     "ddim": sample_ddim,
@@ -324,15 +342,16 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "heun": sample_heun,
     "dpmpp_2m": sample_dpmpp_2m,
     "stochastic": sample_stochastic,
+    "consistency": sample_consistency,
 }
 
 # The spacing each sampler is usually run with (overridable).
 DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "uniform", "euler": "karras", "heun": "karras",
-                   "dpmpp_2m": "logsnr", "stochastic": "uniform"}
+                   "dpmpp_2m": "logsnr", "stochastic": "uniform", "consistency": "karras"}
 
 # Samplers taking one network evaluation per interval of whatever grid they are given: a distilled student's own
 # grid (its card's steps and exact timesteps) applies to every one of them.
-GRID_SAMPLERS = ("ddim", "ddpm", "stochastic")
+GRID_SAMPLERS = ("ddim", "ddpm", "stochastic", "consistency")
 
 
 def nfe(sampler: str, steps: int, schedule: Schedule, spacing: str | None = None) -> int:

@@ -50,15 +50,19 @@ def draw_samples(den, *, sampler: str | None = None, steps: int | None = None, s
                  classes: list[int] | None = None,
                  guidance: float | None = None, spacing: str | None = None, eta: float | None = None,
                  batch_size: int = 256, device: str = "cpu", bf16: bool = False, progress: bool = True,
-                 source: str = "the model") -> tuple[np.ndarray, Tensor | None]:
+                 source: str = "the model", timesteps: list[float] | None = None) -> tuple[np.ndarray, Tensor | None]:
     """One sample per seed from a loaded denoiser, classes cycled over the seeds (all classes of a conditional
     model by default): uint8 NHWC images and the requested labels. ``bf16`` runs the network under autocast.
     ``guidance=None`` takes the model card's default weight (0 when it has none); ``sampler``, ``steps`` and
     ``spacing`` left ``None`` take the card's (a student's own sampler and exact timesteps, see
-    :func:`~distill.checkpoint.card_sampling`)."""
+    :func:`~distill.checkpoint.card_sampling`); ``timesteps`` (``steps + 1`` decreasing times ending at 0) replace
+    them."""
     meta = getattr(den, "metadata", {})
     guidance = card_guidance(meta, guidance)
-    sampler, steps, spacing, timesteps = card_sampling(meta, sampler, steps, spacing)
+    if timesteps is not None:
+        steps = len(timesteps) - 1
+    sampler, steps, spacing, card_times = card_sampling(meta, sampler, steps, spacing)
+    timesteps = timesteps if timesteps is not None else card_times
     if not math.isfinite(guidance):
         raise UsageError(f"--guidance {guidance}: the guidance weight must be a finite number")
     check_sampler_options(sampler, eta)
@@ -68,6 +72,11 @@ def draw_samples(den, *, sampler: str | None = None, steps: int | None = None, s
     if guidance and not num_classes:
         raise UsageError(f"--guidance: {source} is unconditional, so it cannot be guided; drop --guidance")
     card = meta.get("card") or {}
+    if guidance and str(card.get("method")).startswith("consistency") and not den.guidance_input:
+        raise UsageError(f"--guidance: {source} is a consistency student distilled at w = "
+                         f"{card.get('distilled_guidance', 0)}; it maps noise to data directly, so classifier-free "
+                         "guidance cannot be applied to it; drop --guidance, or distill with --guidance-range for a "
+                         "student that takes w")
     if guidance and card.get("method") in ("progressive", "guidance") and not den.guidance_input \
             and not card.get("label_dropout"):
         raise UsageError(f"--guidance: {source} is a student distilled at w = {card.get('distilled_guidance', 0)} "

@@ -30,3 +30,17 @@ def distill_main(monkeypatch, capsys):
         return CliRun(code, out.out, out.err)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def teacher_file(tmp_path_factory):
+    """A tiny class-conditional digits teacher (8x8, cosine, v-prediction), trained for a few steps."""
+    from distill.teacher import build_teacher, train_teacher
+
+    out = tmp_path_factory.mktemp("teacher")
+    run = build_teacher(data_spec="digits", image_size=None, unconditional=False, schedule="cosine",
+                        prediction="v", channels=8, channel_mult="1,2", num_res_blocks=1, attn_res="",
+                        dropout=0.1, label_dropout=0.2,
+                        train=dict(steps=30, batch_size=16, warmup=0, lr=2e-3, ckpt_every=100))
+    train_teacher(run, out, progress=False)
+    return out / "model.safetensors"

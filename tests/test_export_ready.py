@@ -16,27 +16,30 @@ from distill.samplers import clean_alpha_sigma, ddim_step, dpmpp_2m_step, genera
 from distill.schedules import CosineSchedule, DiscreteSchedule, interp
 
 
-def _tiny_denoiser(schedule, guidance_embed=False):
+def _tiny_denoiser(schedule, guidance_embed=False, consistency=None):
     torch.manual_seed(0)
     net = UNet(UNetConfig(image_size=8, channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                           num_classes=10, guidance_embed=guidance_embed))
     for p in net.parameters():  # zero-initialised output layers would make every check trivially pass
         torch.nn.init.normal_(p, std=0.2)
-    return Denoiser(net, schedule, "v", "t1000", null_label=10, guidance_input=guidance_embed).eval()
+    return Denoiser(net, schedule, "v", "t1000", null_label=10, guidance_input=guidance_embed,
+                    consistency=consistency).eval()
 
 
 def _rel_err(a, b) -> float:
     return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 
 
-# Two of the four combinations (each costs ~10 s); all four on the shipped teacher: python -m benchmarks.export_check
-@pytest.mark.parametrize("schedule,guided", [(CosineSchedule(), False), (DiscreteSchedule("linear"), True)],
-                         ids=["cosine-plain", "discrete-guided"])
-def test_denoiser_exports_to_onnx_and_compiles_without_graph_breaks(tmp_path, schedule, guided):
+# Two of the combinations (each costs ~10 s), the first a consistency student (boundary-condition scalings in the
+# graph); the plain and guided teacher on both schedules: python -m benchmarks.export_check
+@pytest.mark.parametrize("schedule,guided,consistency", [
+    (CosineSchedule(), False, {"sigma_min": 0.002, "sigma_data": 0.5}), (DiscreteSchedule("linear"), True, None)],
+    ids=["cosine-consistency", "discrete-guided"])
+def test_denoiser_exports_to_onnx_and_compiles_without_graph_breaks(tmp_path, schedule, guided, consistency):
     import onnx
     import onnxruntime as ort
 
-    graph = DenoiserGraph(_tiny_denoiser(schedule), labels=True, guided=guided).eval()
+    graph = DenoiserGraph(_tiny_denoiser(schedule, consistency=consistency), labels=True, guided=guided).eval()
     example = graph.example_inputs(7, (1, 8, 8))
     batch = torch.export.Dim("batch", min=1, max=1024)
     dynamic = [{0: batch}] * len(example)

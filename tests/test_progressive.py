@@ -26,20 +26,6 @@ PD_ARGS = ["--start-steps", "8", "--target-steps", "2", "--round-steps", "4,3", 
            "--guidance-steps", "3", "--batch-size", "16", "--ckpt-every", "2"]
 
 
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-    """A tiny class-conditional digits teacher (8x8, cosine, v-prediction), trained for a few steps."""
-    from distill.teacher import build_teacher, train_teacher
-
-    out = tmp_path_factory.mktemp("teacher")
-    run = build_teacher(data_spec="digits", image_size=None, unconditional=False, schedule="cosine",
-                        prediction="v", channels=8, channel_mult="1,2", num_res_blocks=1, attn_res="",
-                        dropout=0.1, label_dropout=0.2,
-                        train=dict(steps=30, batch_size=16, warmup=0, lr=2e-3, ckpt_every=100))
-    train_teacher(run, out, progress=False)
-    return out / "model.safetensors"
-
-
 def _tiny_denoiser(seed=0, guidance_embed=False):
     torch.manual_seed(seed)
     net = UNet(UNetConfig(image_size=8, channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
