@@ -400,3 +400,15 @@ def test_benchmark_checks_and_side_by_side_are_computed_from_the_rows(tmp_path):
     (run / "metrics.jsonl").write_text('{"step": 50, "sec_per_step": 1.0}\n{"step": 100, "sec_per_step": 2.0}\n')
     c = run_compute(run)
     assert c["teacher_step_equivalents"] == 200 and c["seconds"] == 150.0  # 100 x (1 + (1 + 2) / 3)
+
+
+def test_the_shipped_consistency_student_samples_from_its_card_in_one_to_three_steps():
+    from distill.sampling import draw_samples
+
+    den = load_denoiser("mnist-cd")
+    card = den.metadata["card"]
+    assert den.consistency == BOUNDARY and card["method"] == "consistency_distillation"
+    assert card_sampling(den.metadata)[:2] == ("consistency", 2) and card["timestep_search"]["reference"] == "real:B"
+    for steps in (1, 3):
+        images, labels = draw_samples(den, steps=steps, seeds=[0, 1], batch_size=2, progress=False)
+        assert images.shape == (2, 32, 32, 1) and labels.tolist() == [0, 1]
