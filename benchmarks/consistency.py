@@ -196,7 +196,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     methods = {}
     for name, path in students.items():
         den = load_denoiser(path)
-        methods[name] = den.metadata["card"]["method"]
+        card = den.metadata["card"]
+        # The consistency-training bounds are for a student initialised from the teacher; one trained from
+        # scratch is reported without a bound.
+        methods[name] = card["method"] + ("" if card.get("initialised_from", True) else "_from_scratch")
         for steps in range(1, args.max_steps + 1):
             if (name, "consistency", steps, 0.0, args.samples) in done:
                 continue

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +129,7 @@ def search_timesteps(den, data, *, samples: int, max_steps: int, guidance: float
     import torch
 
     from benchmarks.metrics import Quality
+    from distill.methods.consistency import SIGMA_MIN
     from distill.sampling import draw_samples
 
     try:
@@ -156,8 +157,6 @@ def search_timesteps(den, data, *, samples: int, max_steps: int, guidance: float
     log(f"timestep search: 1 step FD {scores['1']:.4f} ({samples} validation samples vs real half {SEARCH_REF})")
     prefix = one[:-1]
     for k in range(2, max_steps + 1):
-        from distill.methods.consistency import SIGMA_MIN
-
         hi = sigma_of(prefix[-1])
         lo = max(SIGMA_MIN * 10, hi * 1e-3)
         sigmas = list(np.geomspace(hi, lo, SEARCH_CANDIDATES + 1)[1:])  # strictly below the previous time
@@ -199,9 +198,8 @@ def distill_consistency(teacher_spec: str, out: Path, opts: ConsistencyOptions, 
     teacher_path = resolve_model_path(teacher_spec)
     teacher = load_denoiser(teacher_path)
     cd = opts.mode == "cd"
+    # Consistency training has no teacher to guide (validate() refused guidance options): it trains at w = 0.
     plan = guidance_plan(teacher, teacher_spec, opts.guidance_range if cd else None, opts.guidance if cd else 0.0)
-    if not cd and plan.range is not None and not teacher.guidance_input:
-        raise UsageError("--mode ct: consistency training has no teacher to guide; use --mode cd")
     data_spec, data = teacher_data(teacher, teacher_spec, data_spec)
     if opts.from_scratch and not isinstance(teacher.net, UNet):
         raise UsageError(f"--from-scratch: rebuilds the native UNet only; {teacher_spec}'s network is a "
@@ -273,9 +271,3 @@ def distill_consistency(teacher_spec: str, out: Path, opts: ConsistencyOptions, 
                 save_tensors(model_path, tensors, {**saved, "card": saved_card})
     return model_path
 
-
-def options_record(opts: ConsistencyOptions) -> dict[str, Any]:
-    """The resolved options, JSON-able (for logs and benchmark records)."""
-    import json
-
-    return json.loads(json.dumps(asdict(opts.resolved())))
