@@ -31,7 +31,7 @@ import torch
 
 from benchmarks.evaluate import evaluate, write_json
 from benchmarks.metrics import Quality
-from benchmarks.progressive import COLUMNS, KEYS, TEACHER_TRAIN_STEPS
+from benchmarks.progressive import COLUMNS, KEYS, TEACHER_TRAIN_STEPS, save_figure, step_seconds, style_axis
 from benchmarks.teacher_baseline import read_rows, write_rows
 from distill.checkpoint import atomic_write, load_denoiser, read_metadata, resolve_model_path
 from distill.data import load_dataset
@@ -47,13 +47,7 @@ def run_compute(path: Path) -> dict:
     card = read_metadata(model).get("card") or {}
     c = card.get("compute") or {}
     steps, fwd = int(c.get("train_steps", 0)), int(c.get("teacher_forwards_per_step", 0))
-    secs, prev = 0.0, 0
-    log = model.parent / "metrics.jsonl"
-    if log.exists():
-        for line in log.read_text().splitlines():
-            r = json.loads(line)
-            secs += r["sec_per_step"] * (r["step"] - prev)
-            prev = r["step"]
+    secs = step_seconds(model.parent / "metrics.jsonl")
     return {"train_steps": steps, "teacher_forwards_per_step": fwd,
             "teacher_step_equivalents": round(steps * (1 + (1 + fwd) / 3)), "seconds": round(secs, 1),
             "teacher_train_steps": TEACHER_TRAIN_STEPS}
@@ -114,16 +108,8 @@ def plot(df: pd.DataFrame, consistency: list[str], path: Path, title: str) -> No
         for name, color in zip(consistency, ("crimson", "navy", "darkgreen", "darkorange")):
             rows = df[df["model"] == name].dropna(subset=[key]).sort_values("nfe")
             ax.plot(rows["nfe"], rows[key], marker="D", markersize=7, color=color, label=f"{name} (consistency)")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("network evaluations (NFE)")
-        ax.set_ylabel({"fd": "FD (domain classifier features)", "fid": "FID (InceptionV3)"}[key])
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
+        style_axis(ax, key, legend_size=7)
+    save_figure(fig, path, title)
 
 
 def markdown(df: pd.DataFrame, meta: dict, comp: dict, check_rows: list[dict], sbs: list[dict]) -> str:

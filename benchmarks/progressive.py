@@ -47,6 +47,17 @@ def student_stages(run: Path) -> list[Path]:
     return sorted(stages, key=lambda p: int(p.name.split("-")[1]))
 
 
+def step_seconds(log: Path) -> float:
+    """Seconds of step time a training run's ``metrics.jsonl`` records (0 without a log)."""
+    secs, prev = 0.0, 0
+    if log.exists():
+        for line in log.read_text().splitlines():
+            r = json.loads(line)
+            secs += r["sec_per_step"] * (r["step"] - prev)
+            prev = r["step"]
+    return secs
+
+
 def compute(run: Path) -> dict:
     """Distillation compute from the stages' cards and logs, in training steps of the teacher: a student step
     (forward + backward) counts 1, a teacher forward pass 1/3 of one (a backward pass costs about two forwards)."""
@@ -59,14 +70,7 @@ def compute(run: Path) -> dict:
         c = card.get("compute") or {}
         steps, fwd = int(c.get("train_steps", 0)), int(c.get("teacher_forwards_per_step", 0))
         equiv = steps * (1 + fwd / 3)
-        secs = 0.0
-        log = d / "metrics.jsonl"
-        if log.exists():
-            prev = 0
-            for line in log.read_text().splitlines():
-                r = json.loads(line)
-                secs += r["sec_per_step"] * (r["step"] - prev)
-                prev = r["step"]
+        secs = step_seconds(d / "metrics.jsonl")
         stages.append({"stage": d.name, "train_steps": steps, "teacher_forwards_per_step": fwd,
                        "teacher_step_equivalents": round(equiv), "seconds": round(secs, 1)})
         total_equiv += equiv
@@ -93,12 +97,23 @@ def plot(df: pd.DataFrame, path: Path, title: str) -> None:
         for (sampler, rows), color in zip(students.groupby("sampler"), ("black", "crimson", "navy")):
             rows = rows.sort_values("nfe")
             ax.plot(rows["nfe"], rows[key], marker="*", markersize=12, color=color, label=f"students (PD), {sampler}")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("network evaluations (NFE)")
-        ax.set_ylabel({"fd": "FD (domain classifier features)", "fid": "FID (InceptionV3)"}[key])
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        style_axis(ax, key, legend_size=8)
+    save_figure(fig, path, title)
+
+
+def style_axis(ax, key: str, legend_size: int) -> None:
+    """Log-log quality (``fd`` or ``fid``) against NFE, as every student plot draws it."""
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("network evaluations (NFE)")
+    ax.set_ylabel({"fd": "FD (domain classifier features)", "fid": "FID (InceptionV3)"}[key])
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
+def save_figure(fig, path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
     fig.suptitle(title)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))

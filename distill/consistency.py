@@ -65,6 +65,7 @@ class ConsistencyOptions:
                        noise_sampling=self.noise_sampling or ("uniform" if cd else "lognormal"))
 
     def validate(self) -> None:
+        from distill.distillation import check_guidance_options
         from distill.methods.consistency import METRICS, MODES, NOISE_SAMPLINGS, SOLVERS, WEIGHTINGS
 
         for option, value, allowed in (("--mode", self.mode, MODES), ("--solver", self.solver, SOLVERS),
@@ -86,12 +87,7 @@ class ConsistencyOptions:
         elif self.from_scratch:
             raise UsageError("--from-scratch: consistency distillation starts from its teacher; drop it, or use "
                              "--mode ct")
-        if self.guidance_range is not None:
-            lo, hi = self.guidance_range
-            if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
-                raise UsageError(f"--guidance-range {lo},{hi}: give LO,HI with LO <= HI, e.g. 0,2")
-            if self.guidance is not None:
-                raise UsageError("--guidance: with --guidance-range the student takes w as an input; drop --guidance")
+        check_guidance_options(self.guidance_range, self.guidance, example="0,2")
         if self.prediction not in (None, "v", "x0"):
             raise UsageError(f"--prediction {self.prediction}: a consistency student predicts v or x0")
         if not 1 <= self.sample_steps <= max(1, self.max_steps):
@@ -186,7 +182,14 @@ def distill_consistency(teacher_spec: str, out: Path, opts: ConsistencyOptions, 
     import torch
 
     from distill.checkpoint import load_denoiser, load_tensors, model_metadata, resolve_model_path, save_tensors
-    from distill.distillation import file_sha256, guidance_plan, make_student, student_prediction, teacher_data
+    from distill.distillation import (
+        file_sha256,
+        guidance_plan,
+        make_student,
+        run_done,
+        student_prediction,
+        teacher_data,
+    )
     from distill.methods.consistency import SIGMA_MIN, ConsistencyLoss
     from distill.models.unet import GUIDANCE_EMBED_PARAMS, UNet
     from distill.rundir import run_lock
@@ -245,11 +248,8 @@ def distill_consistency(teacher_spec: str, out: Path, opts: ConsistencyOptions, 
                       seed=opts.seed, ckpt_every=opts.ckpt_every,
                       lr_scale={GUIDANCE_EMBED_PARAMS: opts.guidance_lr_scale} if new_embedding else {})
     state = out / STATE_FILE
-    from distill.checkpoint import read_metadata
-
-    done = state.exists() and (out / MODEL_FILE).exists() and int(read_metadata(state).get("step", -1)) >= opts.steps
     what = f"consistency {'distillation' if cd else 'training'} of {teacher_spec}"
-    if done:
+    if run_done(out, opts.steps):
         log(f"{what}: training done ({out / MODEL_FILE})")
     else:
         log(f"{what}: {'resuming' if state.exists() else 'training'} {opts.steps} steps into {out}")

@@ -56,12 +56,7 @@ class ProgressiveOptions:
                              "power of 2 (at least 2), e.g. --start-steps 64 --target-steps 1")
         if not self.round_steps or any(s < 1 for s in self.round_steps):
             raise UsageError("--round-steps: give one step count >= 1, or one per round (e.g. 200,400,800)")
-        if self.guidance_range is not None:
-            lo, hi = self.guidance_range
-            if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
-                raise UsageError(f"--guidance-range {lo},{hi}: give LO,HI with LO <= HI, e.g. 0,4")
-            if self.guidance is not None:
-                raise UsageError("--guidance: with --guidance-range the student takes w as an input; drop --guidance")
+        check_guidance_options(self.guidance_range, self.guidance, example="0,4")
         if self.prediction not in (None, "v", "x0"):
             raise UsageError(f"--prediction {self.prediction}: a few-step student predicts v or x0 (eps-prediction "
                              "fails at few steps, Salimans & Ho 2022)")
@@ -85,6 +80,19 @@ class ProgressiveOptions:
         if self.guidance_range is None:
             d.pop("guidance_lr_scale")  # no guidance stage
         return json.loads(json.dumps(d))
+
+
+def check_guidance_options(guidance_range: tuple[float, float] | None, guidance: float | None,
+                           example: str) -> None:
+    """A guidance range must be finite with LO <= HI, and excludes a fixed ``--guidance`` (one rule for every
+    distillation command; ``example`` is the range the message suggests)."""
+    if guidance_range is None:
+        return
+    lo, hi = guidance_range
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+        raise UsageError(f"--guidance-range {lo},{hi}: give LO,HI with LO <= HI, e.g. {example}")
+    if guidance is not None:
+        raise UsageError("--guidance: with --guidance-range the student takes w as an input; drop --guidance")
 
 
 @dataclass
@@ -162,7 +170,8 @@ def student_card(*, stage: Stage, index: int, total: int, parent: str, parent_sh
     return card
 
 
-def _stage_done(stage_dir: Path, train_steps: int) -> bool:
+def run_done(stage_dir: Path, train_steps: int) -> bool:
+    """Whether the training run in ``stage_dir`` has a model file and a state at ``train_steps`` or beyond."""
     from distill.checkpoint import read_metadata
     from distill.training import MODEL_FILE, STATE_FILE
 
@@ -277,7 +286,7 @@ def distill_progressive(teacher_spec: str, out: Path, opts: ProgressiveOptions, 
             what = (f"stage {index}/{len(stages)} {stage.name}: " +
                     ("w-input student over w in [{:g}, {:g}]".format(*grange) if stage.student_steps is None else
                      f"{2 * stage.student_steps} -> {stage.student_steps} steps"))
-            if _stage_done(stage_dir, stage.train_steps):
+            if run_done(stage_dir, stage.train_steps):
                 log(f"{what}: done ({stage_dir / MODEL_FILE})")
             else:
                 parent = load_denoiser(parent_path)
