@@ -1,0 +1,115 @@
+"""Export artifacts: a folder holding the graph (``model.onnx`` or ``model.engine``) and ``manifest.json``.
+
+The manifest makes the folder self-describing, so a backend needs nothing else: the model's metadata (its card,
+network config and diffusion schedule, from which a backend rebuilds the schedule the samplers need), the graph's
+inputs and outputs, its precision and what it is for, how it was calibrated, the parity measured at export, the
+command and library versions that made it, and the sha256 of each file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from distill.errors import UsageError
+
+EXPORT_FORMAT = "distill.export/1"
+MANIFEST = "manifest.json"
+GRAPH_FILES = {"onnx": "model.onnx", "tensorrt": "model.engine"}
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of what made or runs an artifact (absent libraries are left out)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxconverter-common", "tensorrt",
+                 "nvidia-modelopt"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def artifact_dir(path: Path | str) -> Path:
+    """The artifact folder for a folder, its manifest, or its graph file."""
+    path = Path(path)
+    return path if path.is_dir() else path.parent
+
+
+def is_artifact(path: Path | str) -> bool:
+    path = Path(path)
+    return path.exists() and (artifact_dir(path) / MANIFEST).is_file() and (path.is_dir() or path.suffix in (
+        ".onnx", ".engine", ".json"))
+
+
+def read_manifest(path: Path | str) -> dict[str, Any]:
+    """The manifest of an artifact folder (or of the graph file inside it); a one-line UsageError if unusable."""
+    folder = artifact_dir(path)
+    file = folder / MANIFEST
+    if not file.is_file():
+        raise UsageError(f"{path}: no {MANIFEST} beside it; pass a folder written by 'distill export'")
+    try:
+        manifest = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{file}: unreadable manifest ({e}); export the model again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
+        raise UsageError(f"{file}: not a distill export manifest (format {manifest.get('format')!r}); export the "
+                         "model again with 'distill export'")
+    graph = folder / manifest.get("graph", "")
+    if not graph.is_file():
+        raise UsageError(f"{folder}: the manifest names {manifest.get('graph')!r}, which is missing; export again")
+    manifest["path"] = str(graph)
+    return manifest
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+
+
+@contextmanager
+def staged_dir(out: Path):
+    """Yield a temporary folder beside ``out``; on success it replaces ``out`` (an older artifact there is kept
+    until the new one is complete), on failure it is removed and ``out`` is untouched."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        stage.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        stage.rename(out)
+
+
+def check_export_out(out: Path, option: str = "--out") -> None:
+    """Refuse an output folder holding anything but an earlier export (which the new one replaces whole)."""
+    from distill.preflight import check_output_dir
+
+    out = Path(out)
+    check_output_dir(out, option)
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise UsageError(f"{option} {out}: a non-empty folder that is not an export; choose a new folder (an "
+                         "earlier export's folder is replaced whole)")

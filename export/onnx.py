@@ -1,0 +1,263 @@
+"""``distill export onnx``: a model's denoiser (or its whole few-step sampler) as an ONNX artifact folder.
+
+The graph is :class:`~distill.denoiser.DenoiserGraph` (``(x_t, t[, labels][, w]) -> x0``, the parameterization,
+guidance and any consistency preconditioning inside) or :class:`~export.fused.FusedSampler`
+(``(noise[, labels][, w]) -> image``), exported by the dynamo exporter with a dynamic batch axis, checked by
+``onnx.checker`` and for float64, converted to FP16 or INT8 when asked, and checked against torch on inputs taken
+from the model's own sampling trajectories at batch 1, 7 and 64 before the folder is written.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distill.checkpoint import card_guidance, card_sampling, resolve_model_path
+from distill.denoiser import Denoiser, DenoiserGraph
+from distill.errors import DistillError, UsageError
+from export.artifact import (
+    EXPORT_FORMAT,
+    GRAPH_FILES,
+    check_export_out,
+    library_versions,
+    sha256,
+    staged_dir,
+    write_manifest,
+)
+from export.calibration import calibration_set, trajectory_inputs
+from export.fused import MAX_FUSED_STEPS, FusedSampler
+from export.precision import Int8Options, to_fp16, to_int8
+
+PRECISIONS = ("fp32", "fp16", "int8")
+PARITY_BATCHES = (1, 7, 64)
+# Relative error ||onnx - torch|| / ||torch|| allowed at export (INT8 is judged by sample quality instead).
+TOLERANCE = {"fp32": 1e-5, "fp16": 1e-2}
+FUSED_TOLERANCE = 1e-4  # fused graph against the Python sampling loop on the same noise (fp32)
+MAX_PROTO_BYTES = 2**31 - 1  # protobuf's limit: larger models keep their weights as external data
+
+
+@dataclass
+class ExportOptions:
+    """What ``distill export onnx`` makes (recorded in the manifest)."""
+
+    precision: str = "fp32"
+    fused: bool = False
+    guided: bool | None = None  # None: a w input when the model takes w or its card guides by default
+    sampler: str | None = None  # fused: the card's unless given
+    steps: int | None = None
+    int8: Int8Options = field(default_factory=Int8Options)
+    check_batches: tuple[int, ...] = PARITY_BATCHES
+
+    def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.precision == "int8":
+            self.int8.validate()
+            if self.fused:
+                raise UsageError("--fused with --precision int8: INT8 is calibrated per network evaluation; export "
+                                 "the per-step graph (drop --fused), or a fused graph in fp32 or fp16")
+        if (self.sampler or self.steps) and not self.fused:
+            raise UsageError("--sampler/--steps choose the fused graph's sampler; add --fused or drop them")
+
+
+def graph_signature(den: Denoiser, guided: bool | None, source: str) -> tuple[bool, bool]:
+    """``(labels, guided)``: which inputs the graph takes besides the state and time."""
+    labels = bool(den.net.config.num_classes)
+    if guided is None:
+        guided = labels and (den.guidance_input or card_guidance(den.metadata) != 0)
+    if guided and not labels:
+        raise UsageError(f"--guided: {source} is unconditional, so it takes no guidance weight; drop --guided")
+    if guided and not den.guidance_input and den.null_label is None:
+        raise UsageError(f"--guided: {source} has no null class for classifier-free guidance; drop --guided")
+    return labels, guided
+
+
+def fused_sampling(den: Denoiser, opts: ExportOptions, source: str) -> tuple[str, list[float]]:
+    """The fused graph's sampler and exact ``k + 1`` times (the card's unless overridden), k at most 8."""
+    from distill.samplers import DEFAULT_SPACING, check_sampler_options, make_timesteps
+
+    check_sampler_options(opts.sampler)
+    sampler, steps, spacing, times = card_sampling(den.metadata, opts.sampler, opts.steps)
+    if steps > MAX_FUSED_STEPS:
+        raise UsageError(f"--fused: {source} samples in {steps} steps; a fused graph unrolls at most "
+                         f"{MAX_FUSED_STEPS} (pass --steps 8 or fewer, or export the per-step graph)")
+    if times is None:
+        times = make_timesteps(den.schedule, steps, spacing or DEFAULT_SPACING[sampler]).tolist()
+    return sampler, [float(t) for t in times]
+
+
+def onnx_export(module: torch.nn.Module, example: tuple, input_names: list[str], output: str, path: Path) -> dict:
+    """The dynamo exporter with a dynamic batch axis on every input; weights go to external data past 2 GB."""
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    start = time.perf_counter()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not the user's business
+        program = torch.onnx.export(module, example, dynamic_shapes=[{0: batch}] * len(example),
+                                    input_names=input_names, output_names=[output], dynamo=True, verbose=False)
+    program.save(str(path), external_data=None)  # None: external data exactly when the model passes 2 GB
+    return {"exporter": "torch.onnx.export(dynamo=True)", "export_seconds": round(time.perf_counter() - start, 2)}
+
+
+def check_graph(path: Path) -> dict:
+    """``onnx.checker`` on the file (so external data works), no float64 anywhere, and the graph's I/O."""
+    import onnx
+
+    onnx.checker.check_model(str(path))
+    model = onnx.load(str(path), load_external_data=False)
+    values = list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)
+    dtypes = {i.data_type for i in model.graph.initializer} | {v.type.tensor_type.elem_type for v in values}
+    if onnx.TensorProto.DOUBLE in dtypes:
+        raise DistillError(f"{path}: the exported graph holds float64 tensors; the denoiser's forward must keep its "
+                           "time math in float32 (a bug in the model adapter, please report)")
+
+    def io(v) -> dict:
+        dims = [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                "shape": dims}
+
+    return {"opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+            "nodes": len(model.graph.node), "inputs": [io(v) for v in model.graph.input],
+            "outputs": [io(v) for v in model.graph.output],
+            "external_data": any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer)}
+
+
+def ort_session(path: Path, providers: list[str] | None = None, threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+
+
+def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(got.astype(np.float64) - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def denoiser_parity(graph: DenoiserGraph, session, rows: Callable[[int], dict[str, np.ndarray]],
+                    batches: tuple[int, ...]) -> dict:
+    """Relative error of the ONNX graph against torch fp32 at each batch size, on trajectory inputs."""
+    out = {}
+    for b in batches:
+        feed = rows(b)
+        with torch.no_grad():
+            ref = graph(*[torch.from_numpy(feed[n]) for n in graph.input_names]).numpy().astype(np.float64)
+        got = session.run(None, feed)[0]
+        out[f"b{b}"] = {"rel_err": rel_err(got, ref), "finite": bool(np.isfinite(got).all())}
+    return out
+
+
+def fused_parity(fused: FusedSampler, session, batches: tuple[int, ...], guidance: float) -> dict:
+    """The fused graph against the Python sampling loop (``distill.samplers.generate``) on the same seeds."""
+    from distill.denoiser import Cond
+    from distill.samplers import generate
+
+    den = fused.denoiser
+    out = {}
+    for b in batches:
+        seeds = list(range(b))
+        inputs = fused.example_inputs(b)
+        labels = inputs[1] if fused.labels else None
+        w = inputs[2] if fused.guided else (guidance if fused.labels else 0.0)
+        ref = generate(den, fused.shape, seeds, sampler=fused.sampler, steps=fused.steps,
+                       timesteps=fused.times, cond=Cond(labels, w)).numpy().astype(np.float64)
+        feed = {n: v.numpy() for n, v in zip(fused.input_names, inputs)}
+        got = session.run(None, feed)[0]
+        out[f"b{b}"] = {"rel_err": rel_err(got, ref), "finite": bool(np.isfinite(got).all())}
+    return out
+
+
+def export_onnx(model: str, out: Path, opts: ExportOptions, *, command: str = "", log=print) -> dict:
+    """Export ``model`` (a model file, run directory or shipped name) to the folder ``out``; returns the manifest.
+
+    Every check runs before ``out`` is touched: a failed export leaves an earlier artifact there intact."""
+    import onnx
+
+    from distill.checkpoint import load_denoiser
+
+    opts.validate()
+    check_export_out(out)
+    path = resolve_model_path(model)
+    den = load_denoiser(model).float()
+    labels, guided = graph_signature(den, opts.guided, model)
+    c = den.net.config
+    shape = (c.in_channels, c.image_size, c.image_size)
+    manifest: dict = {"format": EXPORT_FORMAT, "graph": GRAPH_FILES["onnx"], "precision": opts.precision,
+                      "source": {"model": str(model), "path": str(path), "sha256": sha256(path)},
+                      "metadata": den.metadata, "image_shape": list(shape), "labels": labels, "guided": guided,
+                      "command": command}
+    if opts.fused:
+        sampler, times = fused_sampling(den, opts, model)
+        module = FusedSampler(den, sampler, times, shape, labels, guided).eval()
+        example = module.example_inputs(2)
+        output = "image"
+        manifest.update({"kind": "sampler", "sampler": sampler, "steps": len(times) - 1, "timesteps": times,
+                         "noise_slots": module.slots})
+    else:
+        module = DenoiserGraph(den, labels=labels, guided=guided).eval()
+        example = module.example_inputs(2, shape)
+        output = "x0"
+        manifest["kind"] = "denoiser"
+    manifest["target"] = opts.int8.target if opts.precision == "int8" else "any"
+    with staged_dir(out) as stage:
+        fp32 = stage / ("model.onnx" if opts.precision == "fp32" else "fp32.onnx")
+        log(f"exporting {model} ({manifest['kind']} graph, inputs {', '.join(module.input_names)}) ...")
+        manifest["export"] = onnx_export(module, example, module.input_names, output, fp32)
+        manifest["export"].update(check_graph(fp32))
+        final = stage / "model.onnx"
+        if opts.precision == "fp16":
+            log("converting to fp16 (explicit casts; normalizations, softmax and the conditioning path in fp32) ...")
+            half, info = to_fp16(onnx.load(str(fp32)), image_input=module.input_names[0])
+            onnx.save(half, str(final))
+            manifest["fp16"] = info
+        elif opts.precision == "int8":
+            i8 = opts.int8
+            log(f"calibrating on {i8.calibration} inputs ({i8.samples} trajectories' worth, {i8.method}) and "
+                f"quantizing for {i8.target} ...")
+            calib = calibration_set(den, i8.calibration, i8.samples, labels=labels, guided=guided)
+            start = time.perf_counter()
+            manifest["int8"] = to_int8(fp32, final, calib, i8, stage)
+            manifest["int8"]["seconds"] = round(time.perf_counter() - start, 1)
+        for extra in stage.glob("augmented*"):
+            extra.unlink()
+        if fp32 != final:
+            fp32.unlink()
+        manifest["graph_info"] = check_graph(final)
+        log("checking against torch ...")
+        session = ort_session(final)
+        if opts.fused:
+            parity = fused_parity(module, session, opts.check_batches, card_guidance(den.metadata))
+            bound = FUSED_TOLERANCE if opts.precision == "fp32" else TOLERANCE.get(opts.precision)
+        else:
+            need = max(opts.check_batches)
+            from distill.samplers import nfe
+
+            sampler, steps, spacing, _ = card_sampling(den.metadata)
+            trajectories = max(4, math.ceil(need / nfe(sampler, steps, den.schedule, spacing)))
+            rows = trajectory_inputs(den, trajectories, labels=labels, guided=guided, seed=4_000_000)
+            parity = denoiser_parity(module, session, rows.spread, opts.check_batches)
+            bound = TOLERANCE.get(opts.precision)
+        manifest["parity"] = {"against": "python sampling loop (same noise)" if opts.fused else "torch fp32",
+                              "inputs": "fused_noise(seeds 0..B-1)" if opts.fused else
+                              "recorded along the model's own sampling trajectories (seeds 4,000,000+)",
+                              "tolerance": bound, "batches": parity,
+                              "max_rel_err": max(v["rel_err"] for v in parity.values())}
+        bad = [k for k, v in parity.items() if not v["finite"] or (bound is not None and v["rel_err"] > bound)]
+        if bad:
+            raise DistillError(f"{model}: the {opts.precision} ONNX graph disagrees with torch at {', '.join(bad)} "
+                               f"(max relative error {manifest['parity']['max_rel_err']:.2e}, bound {bound}); "
+                               "nothing was written to " + str(out))
+        manifest["files"] = {p.name: sha256(p) for p in sorted(stage.iterdir()) if p.is_file()}
+        manifest["versions"] = library_versions()
+        manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        write_manifest(stage, manifest)
+    return manifest

@@ -1,0 +1,200 @@
+"""Precision lives in the ONNX graph: FP16 with explicit casts, INT8 as Q/DQ nodes (``../shared/DESIGN.md``).
+
+FP16 is onnxconverter-common's converter; INT8 is ONNX Runtime's static quantizer. What is ours is which nodes stay
+in fp32 (FP16), and the calibration data and which layers are quantized (INT8).
+
+FP16 keeps in fp32 (a recorded list, in the manifest):
+- the conditioning path: every node that does not depend on ``x_t`` (time and schedule math, the sinusoidal time
+  embedding and its MLP, per-block embedding projections, class and ``w`` embeddings). It is batch x vector work,
+  so fp32 there costs nothing, and ``1000 t`` in fp16 would round to steps of 0.5;
+- the normalizations and softmax (:data:`FP16_KEEP_OPS`): fp16 variance and exp overflow, the usual cause of the
+  NaN / black-image FP16 UNets reported against diffusers and ONNX Runtime.
+
+INT8 has two targets (the manifest says which a file is for):
+- ``cpu``: what runs fastest through ONNX Runtime on x86: U8 activations, S8 per-channel symmetric weights
+  (U8S8, the VNNI/AMX kernels' format) on Conv / Gemm / MatMul only;
+- ``tensorrt``: TensorRT's strongly typed Q/DQ rules: S8 symmetric activations and weights, zero points 0,
+  per-channel weights (axis 0 for Conv, 1 for ConvTranspose), float biases, a Q/DQ pair per weight.
+Both leave the layers Model Optimizer's diffusers recipe leaves in higher precision (:data:`DEFAULT_EXCLUDE`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from export.calibration import SOURCES, CalibrationSet
+
+FP16_KEEP_OPS = ("InstanceNormalization", "GroupNormalization", "LayerNormalization", "BatchNormalization",
+                 "Softmax", "ReduceMean", "Pow", "Sqrt", "Exp", "Sin", "Cos")
+
+# Model Optimizer's diffusers recipe keeps time_emb_proj, time_embedding, conv_in, conv_out, conv_shortcut and
+# add_embedding in higher precision; in our UNet's parameter names those are:
+DEFAULT_EXCLUDE = ("time_mlp.", "guidance_mlp.", ".emb.", "conv_in.", "conv_out.", ".skip.")
+INT8_TARGETS = ("cpu", "tensorrt")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "step-percentile")
+QUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+# -- FP16 --------------------------------------------------------------------------------------------------------
+
+def conditioning_nodes(model, image_input: str) -> list[str]:
+    """Names of the nodes whose inputs do not depend on ``image_input`` (the conditioning path)."""
+    tainted = {image_input}
+    out = []
+    for node in model.graph.node:  # ONNX nodes are topologically sorted
+        if any(i in tainted for i in node.input):
+            tainted.update(node.output)
+        else:
+            out.append(node.name)
+    return out
+
+
+def to_fp16(model, image_input: str = "x_t", keep_ops: Sequence[str] = FP16_KEEP_OPS):
+    """An explicit-cast FP16 copy of an fp32 ONNX model (inputs and outputs stay fp32) and the fp32 node list."""
+    from onnxconverter_common import float16
+
+    # the converter's own list holds the ops without fp16 kernels or with float-typed control inputs (Resize)
+    ops = sorted(set(keep_ops) | set(float16.DEFAULT_OP_BLOCK_LIST))
+    keep_nodes = conditioning_nodes(model, image_input)
+    kept = sorted(set(keep_nodes) | {n.name for n in model.graph.node if n.op_type in ops})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "the float32 number ... will be truncated to 1e-07": tiny weights, known
+        half = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=ops,
+                                                node_block_list=keep_nodes)
+    return half, {"fp32_ops": list(keep_ops), "fp32_nodes": kept, "fp32_node_count": len(kept),
+                  "converter": "onnxconverter_common.float16.convert_float_to_float16(keep_io_types=True)"}
+
+
+# -- INT8 --------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Int8Options:
+    """How an INT8 graph is made (recorded in the manifest)."""
+
+    target: str = "cpu"
+    calibration: str = "trajectory"
+    method: str = "minmax"
+    samples: int = 64  # trajectories (or their count of random inputs)
+    percentile: float = 99.999  # for method 'percentile' (of |activation| values)
+    step_percentile: float = 50.0  # for 'step-percentile': of the per-step amax values
+    exclude: tuple[str, ...] = field(default_factory=lambda: DEFAULT_EXCLUDE)
+
+    def validate(self) -> None:
+        from distill.errors import UsageError
+
+        if self.target not in INT8_TARGETS:
+            raise UsageError(f"--int8-target {self.target!r}: use one of {', '.join(INT8_TARGETS)}")
+        if self.calibration not in SOURCES:
+            raise UsageError(f"--calibration {self.calibration!r}: use one of {', '.join(SOURCES)}")
+        if self.method not in CALIBRATION_METHODS:
+            raise UsageError(f"--calib-method {self.method!r}: use one of {', '.join(CALIBRATION_METHODS)}")
+        if self.samples < 1:
+            raise UsageError(f"--calib-samples {self.samples}: give at least 1 trajectory")
+        if not (0 < self.percentile <= 100 and 0 <= self.step_percentile <= 100):
+            raise UsageError("--percentile / --step-percentile: must lie in (0, 100]")
+
+    def record(self) -> dict:
+        return {**asdict(self), "exclude": list(self.exclude)}
+
+
+def excluded_nodes(model, patterns: Sequence[str]) -> list[str]:
+    """Quantizable nodes whose weight (or own name) matches one of ``patterns`` (substring, or fnmatch with ``*``)."""
+    inits = {i.name for i in model.graph.initializer}
+
+    def hit(name: str) -> bool:
+        return any(fnmatch.fnmatch(name, p if "*" in p else f"*{p}*") for p in patterns)
+
+    out = []
+    for node in model.graph.node:
+        if node.op_type not in QUANTIZED_OPS:
+            continue
+        weights = [i for i in node.input if i in inits]
+        if hit(node.name) or any(hit(w) for w in weights):
+            out.append(node.name)
+    return out
+
+
+class _Reader:
+    """ONNX Runtime's ``CalibrationDataReader`` over a :class:`CalibrationSet` (rows ``index``), in batches."""
+
+    def __init__(self, calib: CalibrationSet, index=None, batch: int = 32):
+        from onnxruntime.quantization import CalibrationDataReader  # noqa: F401  (the protocol it follows)
+
+        self.calib = calib
+        self.index = np.arange(len(calib)) if index is None else np.asarray(index)
+        self.batch, self.pos = batch, 0
+
+    def get_next(self):
+        if self.pos >= len(self.index):
+            return None
+        rows = self.calib.rows(self.index[self.pos:self.pos + self.batch])
+        self.pos += self.batch
+        return rows
+
+    def rewind(self) -> None:
+        self.pos = 0
+
+    def __len__(self) -> int:
+        return -(-len(self.index) // self.batch)
+
+
+def step_ranges(model_path: Path, calib: CalibrationSet, percentile: float, workdir: Path) -> dict[str, dict]:
+    """Model Optimizer's diffusion calibrator, on ONNX Runtime: per tensor, the amax of each sampler step
+    separately, combined by a percentile over the steps (symmetric ranges), as ``TensorQuantOverrides``."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    per_step = {}
+    for step in np.unique(calib.step):
+        calibrator = create_calibrator(Path(model_path), list(QUANTIZED_OPS),
+                                       augmented_model_path=str(workdir / f"augmented-{step}.onnx"),
+                                       calibrate_method=CalibrationMethod.MinMax,
+                                       extra_options={"symmetric": True})
+        calibrator.collect_data(_Reader(calib, np.flatnonzero(calib.step == step)))
+        for name, data in calibrator.compute_data().data.items():
+            lo, hi = data.range_value
+            per_step.setdefault(name, []).append(max(abs(float(lo)), abs(float(hi))))
+        del calibrator
+    out = {}
+    for name, amaxes in per_step.items():
+        amax = float(np.percentile(amaxes, percentile))
+        out[name] = [{"rmin": np.array(-amax, dtype=np.float32), "rmax": np.array(amax, dtype=np.float32)}]
+    return out
+
+
+def to_int8(model_path: Path, out_path: Path, calib: CalibrationSet, opts: Int8Options, workdir: Path) -> dict:
+    """Quantize ``model_path`` (fp32 ONNX) to a Q/DQ graph at ``out_path``; returns what was done, for the
+    manifest."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    model = onnx.load(str(model_path))
+    exclude = excluded_nodes(model, opts.exclude)
+    extra = {"QuantizeBias": False, "DedicatedQDQPair": False,
+             "QDQOpTypePerChannelSupportToAxis": {"Conv": 0, "ConvTranspose": 1},
+             "WeightSymmetric": True, "CalibPercentile": opts.percentile}
+    if opts.target == "tensorrt":
+        act = QuantType.QInt8
+        extra.update({"ActivationSymmetric": True, "AddQDQPairToWeight": True})
+    else:
+        act = QuantType.QUInt8
+        extra.update({"ActivationSymmetric": False, "AddQDQPairToWeight": False})
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile, "step-percentile": CalibrationMethod.MinMax}[opts.method]
+    if opts.method == "step-percentile":
+        extra["TensorQuantOverrides"] = step_ranges(model_path, calib, opts.step_percentile, workdir)
+    quantize_static(str(model_path), str(out_path), _Reader(calib), quant_format=QuantFormat.QDQ,
+                    activation_type=act, weight_type=QuantType.QInt8, per_channel=True,
+                    op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_exclude=exclude, calibrate_method=method,
+                    extra_options=extra)
+    quantized = onnx.load(str(out_path))
+    counts = {op: sum(n.op_type == op for n in quantized.graph.node) for op in ("QuantizeLinear", "DequantizeLinear")}
+    return {**opts.record(), "excluded_nodes": exclude, "activation_type": act.name, "weight_type": "QInt8",
+            "per_channel": True, "format": "QDQ", **{f"{k}_nodes": v for k, v in counts.items()},
+            "quantizer": "onnxruntime.quantization.quantize_static", "calibration_inputs": len(calib),
+            "calibration_set": calib.info}
