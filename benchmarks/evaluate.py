@@ -35,9 +35,9 @@ def default_data(source: str) -> str | None:
     """The dataset a model was trained on, from its metadata (``None`` for images or older files)."""
     if is_image_source(source):
         return None
-    from distill.checkpoint import read_metadata, resolve_model_path
+    from export.backends import source_metadata
 
-    data = read_metadata(resolve_model_path(source)).get("data") or {}
+    data = source_metadata(source).get("data") or {}
     return data.get("spec") or (data.get("name") if data.get("name") in ("digits", "mnist") else None)
 
 
@@ -45,7 +45,8 @@ def evaluate(source: str, *, data_spec: str | None = None, ref: str = "A", metri
              sampler: str | None = None, steps: int | None = None, spacing: str | None = None, eta: float | None = None,
              guidance: float | None = None, seeds: list[int] | None = None, classes: list[int] | None = None,
              batch_size: int = 250, bf16: bool = False, device: str = "cpu", inception_backend: str = "onnxruntime",
-             progress: bool = True, quality: Quality | None = None, denoiser=None) -> dict:
+             progress: bool = True, quality: Quality | None = None, denoiser=None, backend: str | None = None,
+             precision: str = "fp32") -> dict:
     """Sample ``source`` (a model) or read it (images), then measure it against the real split ``ref``.
 
     Everything that can be checked is checked before any sampling or feature extraction: the device, the metric,
@@ -56,9 +57,12 @@ def evaluate(source: str, *, data_spec: str | None = None, ref: str = "A", metri
     from distill.samplers import nfe
 
     check_device(device)
-    if not is_image_source(source) and Path(source).is_dir() and not (Path(source) / "model.safetensors").exists():
-        raise UsageError(f"SOURCE {source}: a folder without model.safetensors; for a folder of images write "
-                         f"folder:{source}")
+    from export.artifact import is_artifact
+
+    if not is_image_source(source) and Path(source).is_dir() and not (Path(source) / "model.safetensors").exists() \
+            and not is_artifact(source):
+        raise UsageError(f"SOURCE {source}: a folder without model.safetensors or an export manifest; for a folder "
+                         f"of images write folder:{source}")
     data_spec = data_spec or default_data(source)
     if data_spec is None:
         raise UsageError(f"{source}: cannot tell which real data to compare against; pass --data (e.g. mnist)")
@@ -89,14 +93,14 @@ def evaluate(source: str, *, data_spec: str | None = None, ref: str = "A", metri
         what, fix = f"SOURCE {source}", "use a larger image set"
         shape = tuple(images.shape[1:])  # (C, H, W)
     else:
-        from distill.checkpoint import load_denoiser
+        from export.backends import load_backend
 
-        den = denoiser if denoiser is not None else load_denoiser(source, device)
+        den = denoiser if denoiser is not None else load_backend(
+            source, backend, precision="bf16" if bf16 and precision == "fp32" else precision, device=device)
         seeds = list(range(2500)) if seeds is None else seeds
-        c = den.net.config
-        labels = [] if c.num_classes else None  # the requested classes, known before sampling
+        labels = [] if den.num_classes else None  # the requested classes, known before sampling
         what, fix = "--seeds", "pass more seeds (e.g. --seeds 0-99)"
-        shape = (c.in_channels, c.image_size, c.image_size)
+        shape = tuple(den.image_shape)
         images = None
     if shape != tuple(quality.data.shape):
         size = "x".join(map(str, quality.data.shape))
@@ -113,15 +117,22 @@ def evaluate(source: str, *, data_spec: str | None = None, ref: str = "A", metri
         from distill.sampling import draw_samples
 
         guidance = card_guidance(den.metadata, guidance)
-        sampler, steps, spacing, _ = card_sampling(den.metadata, sampler, steps, spacing)
+        if getattr(den, "kind", "denoiser") == "denoiser":
+            sampler, steps, spacing, _ = card_sampling(den.metadata, sampler, steps, spacing)
+        elif sampler is None and steps is None:  # a fused sampler graph
+            sampler, steps = den.manifest["sampler"], den.manifest["steps"]
         start = time.perf_counter()
+        # a torch denoiser passed in directly runs under autocast here; a backend applies its own precision
         images, labels = draw_samples(den, sampler=sampler, steps=steps, seeds=seeds, classes=classes,
                                       guidance=guidance, spacing=spacing, eta=eta, batch_size=batch_size,
-                                      device=device, bf16=bf16, progress=progress, source=source)
+                                      device=device, bf16=bf16 and denoiser is not None, progress=progress,
+                                      source=source)
         seconds = time.perf_counter() - start
         result.update({"sampler": sampler, "steps": steps, "nfe": nfe(sampler, steps, den.schedule, spacing),
                        "spacing": spacing,
-                       "eta": eta, "guidance": guidance, "bf16": bf16, "seeds": f"{seeds[0]}-{seeds[-1]}"
+                       "eta": eta, "guidance": guidance, "bf16": bf16,
+                       "backend": getattr(den, "name", "eager"), "precision": getattr(den, "precision", "fp32"),
+                       "seeds": f"{seeds[0]}-{seeds[-1]}"
                        if seeds == list(range(seeds[0], seeds[0] + len(seeds))) else seeds,
                        "sample_seconds": round(seconds, 2)})
     start = time.perf_counter()

@@ -141,6 +141,26 @@ def sampling_options(command):
     return command
 
 
+# export.backends.BACKENDS, spelled out so that --help does not import torch (a test keeps them equal).
+BACKEND_NAMES = ("eager", "compile", "onnxruntime", "onnxruntime-trt", "tensorrt")
+
+
+def backend_options(command):
+    """Where the network runs, shared by ``sample`` and ``eval``."""
+    for option in reversed([
+        click.option("--backend", type=click.Choice(BACKEND_NAMES), default=None,
+                     help="eager (torch), compile (torch.compile: inductor with freezing on a CPU, CUDA graphs on a "
+                          "GPU), onnxruntime (CPU/CUDA EP by --device; a model is exported on the fly), "
+                          "onnxruntime-trt (TensorRT EP), tensorrt (an engine folder) [default: eager for a model, "
+                          "the export's own runtime for an export folder]."),
+        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+                     help="Autocast precision of the eager and compile backends (an export's precision is fixed "
+                          "at export)."),
+    ]):
+        command = option(command)
+    return command
+
+
 @cli.group()
 def teacher():
     """Train and inspect diffusion teachers."""
@@ -437,6 +457,143 @@ def consistency(teacher, out, mode, data_spec, steps, scales, curriculum, solver
     click.echo(f"student: {path}")
 
 
+@cli.group("export")
+def export_():
+    """Ship a model: ONNX (FP32, FP16, INT8 Q/DQ; per step or a fused few-step sampler) and TensorRT engines.
+
+    \b
+    Example:
+      distill export onnx mnist-4step --out exports/mnist-4step
+      distill export onnx mnist-4step --out exports/mnist-4step-int8 --precision int8
+      distill export onnx mnist-4step --out exports/mnist-4step-fused --fused
+      distill export tensorrt exports/mnist-4step --out engines/mnist-4step
+    """
+
+
+@export_.command("onnx")
+@click.argument("model", metavar="MODEL", callback=_non_empty)
+@click.option("--out", type=NonEmptyPath(file_okay=False, path_type=Path), required=True, metavar="DIR",
+              help="The artifact folder (model.onnx + manifest.json); an earlier export there is replaced whole.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
+              help="fp16: explicit casts, norms/softmax/conditioning path kept fp32; int8: Q/DQ, calibrated.")
+@click.option("--fused", is_flag=True, help="One graph for the whole few-step sampler (noise -> image, k <= 8).")
+@click.option("--guided/--unguided", default=None,
+              help="Add the guidance weight input w [default: when the model takes w or its card guides].")
+@click.option("--sampler", type=click.Choice(SAMPLER_NAMES), default=None, help="--fused: the sampler [card's].")
+@click.option("--steps", type=click.IntRange(1, 8), default=None, metavar="K", help="--fused: steps [card's].")
+# INT8
+@click.option("--int8-target", type=click.Choice(["cpu", "tensorrt"]), default="cpu",
+              help="cpu: U8S8 Q/DQ for ONNX Runtime on x86; tensorrt: symmetric S8 Q/DQ TensorRT builds.")
+@click.option("--calibration", type=click.Choice(["trajectory", "random"]), default="trajectory",
+              help="trajectory: inputs captured along the model's own sampling (every step, classes, w); random: "
+                   "standard normal x_t and uniform t (the naive baseline).")
+@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile", "step-percentile"]),
+              default="minmax", help="How activation ranges are set; step-percentile: per-step amax, then a "
+                                     "percentile over steps (Model Optimizer's diffusion calibrator).")
+@click.option("--calib-samples", type=click.IntRange(1, 100000), default=64, metavar="N",
+              help="Calibration trajectories (random calibration: as many inputs as they would give).")
+@click.option("--percentile", type=Finite(0, 100, min_open=True), default=99.999, help="For --calib-method "
+              "percentile: the percentile of |activation|.")
+@click.option("--step-percentile", type=Finite(0, 100), default=50.0,
+              help="For --calib-method step-percentile: the percentile over the per-step amax values.")
+@click.option("--exclude", default=None, metavar="LIST", show_default="time_mlp.,guidance_mlp.,.emb.,conv_in.,"
+              "conv_out.,.skip.", help="Layers kept in float: substrings (or globs) of weight or node names; "
+                                      "'none' quantizes every Conv/Gemm/MatMul.")
+@click.option("--threads", type=click.IntRange(1), default=None, callback=_threads, metavar="N")
+def export_onnx_(model, out, precision, fused, guided, sampler, steps, int8_target, calibration, calib_method,
+                 calib_samples, percentile, step_percentile, exclude, threads):
+    """Export MODEL's denoiser, (x_t, t[, labels][, w]) -> x0, or with --fused its whole sampler, as ONNX with a
+    dynamic batch axis, checked against torch at batch 1, 7 and 64 before anything is written.
+
+    \b
+    Example:
+      distill export onnx mnist-4step --out exports/mnist-4step-int8 --precision int8 --calib-samples 64
+      distill sample exports/mnist-4step-int8 --seeds 0-63
+    """
+    from export.precision import DEFAULT_EXCLUDE, Int8Options
+
+    if exclude is None:
+        patterns = DEFAULT_EXCLUDE
+    elif exclude.strip().lower() == "none":
+        patterns = ()
+    else:
+        patterns = tuple(p.strip() for p in exclude.split(",") if p.strip())
+    ctx = click.get_current_context()
+    int8_given = [n for n in ("int8_target", "calibration", "calib_method", "calib_samples", "percentile",
+                              "step_percentile", "exclude") if _explicit(ctx, n)]
+    if int8_given and precision != "int8":
+        flag = "--" + int8_given[0].replace("_", "-")
+        raise UsageError(f"{flag} applies to --precision int8; add --precision int8 or drop {flag}")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    from export.onnx import ExportOptions, export_onnx
+
+    opts = ExportOptions(precision=precision, fused=fused, guided=guided, sampler=sampler, steps=steps,
+                         int8=Int8Options(target=int8_target, calibration=calibration, method=calib_method,
+                                          samples=calib_samples, percentile=percentile,
+                                          step_percentile=step_percentile, exclude=patterns))
+    manifest = export_onnx(model, out, opts, command=" ".join(["distill", *sys.argv[1:]]), log=click.echo)
+    p = manifest["parity"]
+    click.echo(f"wrote {out} ({manifest['precision']} {manifest['kind']} graph); max relative error against "
+               f"{p['against']}: {p['max_rel_err']:.2e}" + (f" (bound {p['tolerance']:g})" if p["tolerance"] else ""))
+
+
+@export_.command("tensorrt")
+@click.argument("source", metavar="EXPORT", callback=_non_empty)
+@click.option("--out", type=NonEmptyPath(file_okay=False, path_type=Path), required=True, metavar="DIR",
+              help="The engine folder (model.engine + manifest.json + timing.cache).")
+@click.option("--min-batch", type=click.IntRange(1), default=1, metavar="B")
+@click.option("--opt-batch", type=click.IntRange(1), default=64, metavar="B")
+@click.option("--max-batch", type=click.IntRange(1), default=256, metavar="B")
+@click.option("--workspace", type=click.IntRange(1), default=4 << 30, metavar="BYTES")
+@click.option("--timing-cache", type=NonEmptyPath(dir_okay=False, path_type=Path), default=None, metavar="FILE",
+              help="A persistent timing cache shared across builds [default: DIR/timing.cache].")
+@click.option("--dry-run", is_flag=True, help="Check the export and print the equivalent trtexec command; build "
+                                              "nothing (works without TensorRT).")
+def export_tensorrt_(source, out, min_batch, opt_batch, max_batch, workspace, timing_cache, dry_run):
+    """Build a strongly typed TensorRT engine from an ONNX export folder (its precision comes from the graph),
+    with an optimization profile over the batch range. Needs TensorRT and an NVIDIA GPU.
+
+    \b
+    Example:
+      distill export onnx mnist-4step --out exports/m4-int8-trt --precision int8 --int8-target tensorrt
+      distill export tensorrt exports/m4-int8-trt --out engines/m4-int8 --max-batch 256
+    """
+    from export.tensorrt import BuildOptions, build_engine, prepare_build
+
+    opts = BuildOptions(min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, workspace=workspace,
+                        timing_cache=timing_cache)
+    if dry_run:
+        manifest = prepare_build(Path(source), out, opts)
+        click.echo(manifest["tensorrt"]["trtexec"])
+        return
+    manifest = build_engine(Path(source), out, opts, command=" ".join(["distill", *sys.argv[1:]]), log=click.echo)
+    t = manifest["tensorrt"]
+    click.echo(f"wrote {out} (TensorRT {t['version']}, {t['gpu']}, compute capability {t['compute_capability']})")
+
+
+@cli.command("inspect")
+@click.argument("path", metavar="FILE", callback=_non_empty)
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+def inspect_(path, as_json):
+    """Describe an artifact without running it: a model (card, network, schedule), an ONNX export (inputs,
+    precision, calibration, parity) or a TensorRT engine (version, GPU, profile).
+
+    \b
+    Example:
+      distill inspect mnist-4step
+      distill inspect exports/mnist-4step-int8
+    """
+    import json
+
+    from export.inspect import describe, format_description
+
+    d = describe(path)
+    click.echo(json.dumps(d, indent=2, default=str) if as_json else format_description(d))
+
+
 @cli.command("sample")
 @click.argument("checkpoint", metavar="CHECKPOINT", callback=_non_empty)
 @click.option("--out", type=NonEmptyPath(file_okay=False, path_type=Path), default=None, metavar="DIR",
@@ -448,13 +605,17 @@ def consistency(teacher, out, mode, data_spec, steps, scales, curriculum, solver
               help="Per-sample seeds, e.g. 0-63 or 1,5,9 (0 <= seed < 2**63, at most 1,000,000 of them).")
 @click.option("--batch-size", type=click.IntRange(1), default=256, metavar="B")
 @click.option("--device", default="cpu", help="torch device (cpu, cuda, cuda:1).")
-@click.option("--bf16/--no-bf16", default=False, help="Run the network under bf16 autocast.")
-def sample(checkpoint, out, sampler, steps, spacing, eta, guidance, classes, seeds, batch_size, device, bf16):
-    """Generate images from a model checkpoint: a PNG grid and an .npz of the samples.
+@click.option("--bf16/--no-bf16", default=False, help="Run the network under bf16 autocast (= --precision bf16).")
+@backend_options
+def sample(checkpoint, out, sampler, steps, spacing, eta, guidance, classes, seeds, batch_size, device, bf16,
+           backend, precision):
+    """Generate images from a model checkpoint or an export folder: a PNG grid and an .npz of the samples.
 
     \b
-    Example:
+    Examples:
       distill sample runs/digits --sampler heun --steps 10 --guidance 1 --classes 0-9 --seeds 0-99
+      distill sample mnist-4step --backend compile --precision bf16
+      distill sample exports/mnist-4step-int8 --seeds 0-63
     """
     seed_list = parse_seeds(seeds)
     class_list = parse_int_list(classes, "--classes", lo=0) if classes is not None else None
@@ -469,7 +630,7 @@ def sample(checkpoint, out, sampler, steps, spacing, eta, guidance, classes, see
 
     grid, npz = sample_to_files(checkpoint, out, sampler=sampler, steps=steps, spacing=spacing, eta=eta,
                                 guidance=guidance, classes=class_list, seeds=seed_list, batch_size=batch_size,
-                                device=device, bf16=bf16)
+                                device=device, bf16=bf16, backend=backend, precision=precision)
     click.echo(f"wrote {grid} and {npz}")
 
 
@@ -493,15 +654,17 @@ def sample(checkpoint, out, sampler, steps, spacing, eta, guidance, classes, see
               "(fp32, any device) or torch-bf16 (bf16 weights, any device; FID within ~0.3 % of fp32; on a 2-core "
               "AVX512-BF16 CPU about as fast as onnxruntime). References are cached per backend and precision.")
 @click.option("--device", default="cpu", help="torch device (cpu, cuda, cuda:1).")
+@backend_options
 @click.option("--out", type=NonEmptyPath(dir_okay=False, path_type=Path), default=None, metavar="FILE",
               help="Write the full result (metrics, settings, extractors, sample counts) as JSON.")
 def eval_(source, data_spec, ref, metric_list, sampler, steps, spacing, eta, guidance, classes, seeds, batch_size,
-          bf16, inception_backend, device, out):
+          bf16, inception_backend, device, backend, precision, out):
     """Measure sample quality: FD/KID/IS/class accuracy (domain classifier) and FID (InceptionV3).
 
-    SOURCE is a model (a .safetensors file, a run directory or a shipped name such as mnist), which is sampled
-    once per seed, or images: a .npz (e.g. from distill sample), npz:PATH, folder:PATH, or real:B (the other
-    fixed half of the real data: real:B against --ref A is the real-vs-real floor).
+    SOURCE is a model (a .safetensors file, a run directory or a shipped name such as mnist) or an export folder
+    (distill export), which is sampled once per seed, or images: a .npz (e.g. from distill sample), npz:PATH,
+    folder:PATH, or real:B (the other fixed half of the real data: real:B against --ref A is the real-vs-real
+    floor).
 
     \b
     Examples:
@@ -514,7 +677,7 @@ def eval_(source, data_spec, ref, metric_list, sampler, steps, spacing, eta, gui
     ctx = click.get_current_context()
     if is_image_source(source):  # nothing is sampled: a sampling option would be silently ignored
         given = [n for n in ("sampler", "steps", "spacing", "eta", "guidance", "classes", "seeds", "batch_size",
-                             "bf16") if _explicit(ctx, n)]
+                             "bf16", "backend", "precision") if _explicit(ctx, n)]
         if given:
             flag = "--" + given[0].replace("_", "-")
             raise UsageError(f"{flag}: SOURCE {source} is a set of images, so nothing is sampled; drop {flag} "
@@ -535,7 +698,7 @@ def eval_(source, data_spec, ref, metric_list, sampler, steps, spacing, eta, gui
     result = evaluate(source, data_spec=data_spec, ref=ref, metrics=metric_names,
                       sampler=sampler, steps=steps, spacing=spacing, eta=eta, guidance=guidance, seeds=seed_list,
                       classes=class_list, batch_size=batch_size, bf16=bf16, device=device,
-                      inception_backend=inception_backend)
+                      inception_backend=inception_backend, backend=backend, precision=precision)
     if out:
         write_json(out, result)
     click.echo(summary_line(result))

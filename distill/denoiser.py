@@ -123,6 +123,17 @@ class Denoiser(nn.Module):
         if self.consistency and not (0 < self.consistency["sigma_min"] and 0 < self.consistency["sigma_data"]):
             raise ValueError(f"consistency scalings need sigma_min > 0 and sigma_data > 0, got {consistency}")
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the images the network takes."""
+        c = self.net.config
+        return (c.in_channels, c.image_size, c.image_size)
+
+    @property
+    def num_classes(self) -> int:
+        """Class labels the network knows (0: unconditional), the null class not counted."""
+        return int(self.net.config.num_classes or 0)
+
     def with_net(self, net: nn.Module) -> Denoiser:
         """The same denoiser (schedule, parameterization, guidance, boundary condition) around another network of
         the same kind: a consistency method's target network, an EMA."""

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from distill.checkpoint import atomic_write, card_guidance, card_sampling, load_denoiser
+from distill.checkpoint import atomic_write, card_guidance, card_sampling
 from distill.denoiser import Cond
 from distill.errors import UsageError
 from distill.samplers import check_sampler_options, generate
@@ -59,6 +59,14 @@ def draw_samples(den, *, sampler: str | None = None, steps: int | None = None, s
     them."""
     meta = getattr(den, "metadata", {})
     guidance = card_guidance(meta, guidance)
+    fused = getattr(den, "kind", "denoiser") == "sampler"
+    if fused:  # an exported few-step sampler graph: its sampler and grid are part of the graph
+        m = den.manifest
+        if sampler not in (None, m["sampler"]) or steps not in (None, m["steps"]) or spacing is not None \
+                or eta is not None or timesteps is not None:
+            raise UsageError(f"{source} is a fused {m['steps']}-step {m['sampler']} sampler graph, fixed at export; "
+                             "drop --sampler/--steps/--spacing/--eta (or export another graph)")
+        sampler, steps, timesteps = m["sampler"], m["steps"], m["timesteps"]
     if timesteps is not None:
         steps = len(timesteps) - 1
     sampler, steps, spacing, card_times = card_sampling(meta, sampler, steps, spacing)
@@ -66,7 +74,7 @@ def draw_samples(den, *, sampler: str | None = None, steps: int | None = None, s
     if not math.isfinite(guidance):
         raise UsageError(f"--guidance {guidance}: the guidance weight must be a finite number")
     check_sampler_options(sampler, eta)
-    num_classes = den.net.config.num_classes
+    num_classes = den.num_classes
     if classes is not None and not num_classes:
         raise UsageError(f"--classes: {source} is unconditional; drop --classes")
     if guidance and not num_classes:
@@ -91,13 +99,15 @@ def draw_samples(den, *, sampler: str | None = None, steps: int | None = None, s
     if num_classes and classes is None:
         classes = list(range(num_classes))
     labels = torch.tensor([classes[i % len(classes)] for i in range(len(seeds))]) if classes else None
-    c = den.net.config
-    shape = (c.in_channels, c.image_size, c.image_size)
+    shape = den.image_shape
     chunks = []
     with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16):
         for start in range(0, len(seeds), batch_size):
             sl = slice(start, start + batch_size)
             cond = Cond(labels[sl].to(device) if labels is not None else None, guidance)
+            if fused:
+                chunks.append(den.sample(seeds[sl], cond).float().cpu())
+                continue
             chunks.append(generate(den, shape, seeds[sl], sampler=sampler, steps=steps, spacing=spacing, cond=cond,
                                    device=device, eta=eta, progress=progress, timesteps=timesteps).float().cpu())
     return to_uint8(torch.cat(chunks)), labels
@@ -105,25 +115,33 @@ def draw_samples(den, *, sampler: str | None = None, steps: int | None = None, s
 
 def sample_to_files(checkpoint: Path, out: Path, *, sampler: str | None, steps: int | None, spacing: str | None,
                     eta: float | None, guidance: float | None, classes: list[int] | None, seeds: list[int],
-                    batch_size: int, device: str = "cpu", bf16: bool = False) -> tuple[Path, Path]:
-    """Sample one image per seed and write ``grid.png`` and ``samples.npz`` (images, labels, seeds) to ``out``."""
+                    batch_size: int, device: str = "cpu", bf16: bool = False, backend: str | None = None,
+                    precision: str = "fp32") -> tuple[Path, Path]:
+    """Sample one image per seed and write ``grid.png`` and ``samples.npz`` (images, labels, seeds) to ``out``.
+    ``checkpoint`` is a model or an export folder, run on ``backend`` (see :func:`export.backends.load_backend`)."""
     from distill.preflight import check_device, check_output_dir
+    from export.backends import load_backend
 
     check_device(device)
     check_output_dir(out, "--out")
-    den = load_denoiser(checkpoint, device)
+    if bf16 and precision == "fp32":
+        precision = "bf16"
+    den = load_backend(checkpoint, backend, precision=precision, device=device)
     guidance = card_guidance(den.metadata, guidance)
-    sampler, steps, spacing, _ = card_sampling(den.metadata, sampler, steps, spacing)
+    if getattr(den, "kind", "denoiser") == "denoiser":
+        sampler, steps, spacing, _ = card_sampling(den.metadata, sampler, steps, spacing)
+    elif sampler is None and steps is None:  # a fused sampler graph: what it runs is fixed at export
+        sampler, steps = den.manifest["sampler"], den.manifest["steps"]
     images, labels = draw_samples(den, sampler=sampler, steps=steps, seeds=seeds, classes=classes,
                                   guidance=guidance, spacing=spacing, eta=eta, batch_size=batch_size,
-                                  device=device, bf16=bf16, source=str(checkpoint))
+                                  device=device, source=str(checkpoint))
     out = Path(out)
     npz, grid = out / "samples.npz", out / "grid.png"
     arrays = {"images": images, "seeds": np.array(seeds)}
     if labels is not None:
         arrays["labels"] = labels.numpy()
     info = {"checkpoint": str(checkpoint), "sampler": sampler, "steps": steps, "spacing": spacing, "eta": eta,
-            "guidance": guidance, "bf16": bf16}
+            "guidance": guidance, "backend": den.name, "precision": den.precision}
     arrays["info"] = np.array(json.dumps(info))
 
     def write_npz(tmp: str) -> None:

@@ -1,0 +1,298 @@
+"""``distill export tensorrt``: a strongly typed TensorRT engine from an ONNX export folder, and its runner.
+
+Precision comes from the ONNX graph (FP32, FP16 casts, INT8 Q/DQ), never from builder flags: TensorRT 10 deprecated
+weak typing and TensorRT 11 removed ``--fp16/--int8/--best``. The network is created with the
+``STRONGLY_TYPED`` flag looked up by name (its bit moved between 10 and 11; 11 is always strongly typed). The
+engine folder's manifest records the equivalent ``trtexec`` command, the TensorRT version, the GPU and its compute
+capability; an engine is only deserialized where all three match (TensorRT has no preflight check of its own).
+
+Written against TensorRT's documented Python API (``../shared/REFERENCES.md``). TensorRT cannot be installed on
+the machines this project is developed on, so :func:`build_engine` and :class:`TensorRTBackend` have not been run;
+everything before the first ``import tensorrt`` (profiles, commands, manifest checks, Q/DQ rules) is tested.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distill.errors import DistillError, UsageError
+from export.artifact import (
+    EXPORT_FORMAT,
+    GRAPH_FILES,
+    check_export_out,
+    read_manifest,
+    sha256,
+    staged_dir,
+    write_manifest,
+)
+
+DEFAULT_WORKSPACE = 4 << 30
+
+
+class TensorRTUnavailable(DistillError):
+    """TensorRT (or a CUDA GPU) is missing on this machine (exit code 1)."""
+
+
+@dataclass
+class BuildOptions:
+    min_batch: int = 1
+    opt_batch: int = 64
+    max_batch: int = 256
+    workspace: int = DEFAULT_WORKSPACE
+    timing_cache: Path | None = None  # persistent across builds; default: beside the engine
+
+    def validate(self) -> None:
+        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+            raise UsageError(f"--min-batch/--opt-batch/--max-batch: need 1 <= min <= opt <= max, got "
+                             f"{self.min_batch}/{self.opt_batch}/{self.max_batch}")
+        if self.workspace < 1 << 20:
+            raise UsageError(f"--workspace {self.workspace}: give at least 1 MiB (bytes)")
+
+
+def input_shapes(manifest: dict[str, Any], batch: int) -> dict[str, tuple[int, ...]]:
+    """Each graph input's shape at ``batch``, from the export manifest."""
+    shape = tuple(manifest["image_shape"])
+    if manifest.get("kind") == "sampler":
+        out = {"noise": (batch, 1 + manifest["noise_slots"], *shape)}
+    else:
+        out = {"x_t": (batch, *shape), "t": (batch,)}
+    if manifest["labels"]:
+        out["labels"] = (batch,)
+    if manifest["guided"]:
+        out["w"] = (batch,)
+    return out
+
+
+def optimization_profile(manifest: dict[str, Any], opts: BuildOptions) -> dict[str, dict[str, list[int]]]:
+    """``{input: {"min", "opt", "max"}}`` shapes over the batch range (the dynamic batch axis is 0)."""
+    lo, mid, hi = (input_shapes(manifest, b) for b in (opts.min_batch, opts.opt_batch, opts.max_batch))
+    return {name: {"min": list(lo[name]), "opt": list(mid[name]), "max": list(hi[name])} for name in lo}
+
+
+def trtexec_command(onnx_path: Path, engine_path: Path, profile: dict, opts: BuildOptions, cache: Path) -> str:
+    """The ``trtexec`` invocation equivalent to :func:`build_engine` (TensorRT 10: ``--stronglyTyped``; it is the
+    default and only mode in 11)."""
+    def shapes(key: str) -> str:
+        return ",".join(f"{name}:{'x'.join(map(str, dims[key]))}" for name, dims in profile.items())
+
+    return (f"trtexec --onnx={onnx_path} --saveEngine={engine_path} --stronglyTyped "
+            f"--minShapes={shapes('min')} --optShapes={shapes('opt')} --maxShapes={shapes('max')} "
+            f"--memPoolSize=workspace:{opts.workspace >> 20}M --timingCacheFile={cache}")
+
+
+def qdq_violations(model) -> list[str]:
+    """Where a Q/DQ ONNX graph breaks TensorRT's strongly typed INT8 rules (empty: none): zero points all 0
+    (symmetric), scales > 0, per-channel only on weights (axis 0 for Conv, 1 for ConvTranspose), opset >= 13 for
+    ``axis``, biases left in float (no INT32 dequantization)."""
+    from onnx import numpy_helper
+
+    init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
+              if n.op_type == "Constant" and n.attribute and n.attribute[0].type == 4}
+    values = {**init, **consts}
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    out = []
+    for n in model.graph.node:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        scale = values.get(n.input[1]) if len(n.input) > 1 else None
+        zero = values.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        if scale is not None and not (np.asarray(scale) > 0).all():
+            out.append(f"{n.name}: scale <= 0")
+        if zero is not None and np.asarray(zero).any():
+            out.append(f"{n.name}: non-zero zero point (asymmetric; TensorRT takes symmetric INT8 only)")
+        if zero is not None and np.asarray(zero).dtype == np.uint8:
+            out.append(f"{n.name}: UINT8 quantization (TensorRT takes INT8)")
+        if zero is not None and np.asarray(zero).dtype == np.int32:
+            out.append(f"{n.name}: INT32 (bias) dequantization; keep biases float")
+        per_channel = scale is not None and np.asarray(scale).size > 1
+        if per_channel:
+            if opset < 13:
+                out.append(f"{n.name}: per-channel Q/DQ needs opset >= 13, graph has {opset}")
+            if n.input[0] not in init and n.op_type == "QuantizeLinear":
+                out.append(f"{n.name}: per-channel quantization of an activation (weights only)")
+            axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+            for user in consumers.get(n.output[0], []) if n.op_type == "DequantizeLinear" else []:
+                want = {"Conv": 0, "ConvTranspose": 1}.get(user.op_type)
+                if want is not None and user.input[1] == n.output[0] and axis != want:
+                    out.append(f"{n.name}: per-channel axis {axis} on a {user.op_type} weight (want {want})")
+    return out
+
+
+def check_engine_compatible(manifest: dict[str, Any], version: str, gpu: str, capability: str) -> None:
+    """Refuse, in one line, an engine built by another TensorRT version or for another GPU."""
+    built = manifest.get("tensorrt") or {}
+    where = manifest.get("path", "the engine")
+    if built.get("version") != version:
+        raise UsageError(f"{where}: built with TensorRT {built.get('version')}, this machine has {version}; rebuild "
+                         "it here with 'distill export tensorrt'")
+    if built.get("compute_capability") != capability or built.get("gpu") != gpu:
+        raise UsageError(f"{where}: built for {built.get('gpu')} (compute capability "
+                         f"{built.get('compute_capability')}), this GPU is {gpu} ({capability}); rebuild it here "
+                         "with 'distill export tensorrt'")
+
+
+def _import_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise TensorRTUnavailable("TensorRT is not installed (pip install tensorrt, from NVIDIA's package index, on "
+                                  "a machine with an NVIDIA GPU); --dry-run prints the trtexec command that builds "
+                                  "the same engine") from None
+    return trt
+
+
+def _gpu() -> tuple[str, str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise TensorRTUnavailable("TensorRT needs a CUDA GPU and none is visible; build the engine on the GPU "
+                                  "machine that will run it")
+    major, minor = torch.cuda.get_device_capability()
+    return torch.cuda.get_device_name(), f"{major}.{minor}"
+
+
+def prepare_build(source: Path, out: Path, opts: BuildOptions) -> dict[str, Any]:
+    """Everything :func:`build_engine` checks and records before TensorRT is touched: the source export, Q/DQ rules
+    of an INT8 graph, the profile, the ``trtexec`` command. Returns the engine manifest without build results."""
+    import onnx
+
+    opts.validate()
+    check_export_out(out)
+    src = read_manifest(source)
+    if not src["graph"].endswith(".onnx"):
+        raise UsageError(f"{source}: not an ONNX export; pass a folder written by 'distill export onnx'")
+    if src["precision"] == "int8":
+        if src.get("target") != "tensorrt":
+            raise UsageError(f"{source}: an INT8 graph made for {src.get('target')} (U8 activations, ONNX Runtime's "
+                             "CPU kernels); export one for TensorRT with --int8-target tensorrt")
+        bad = qdq_violations(onnx.load(src["path"], load_external_data=False))
+        if bad:
+            raise UsageError(f"{source}: the Q/DQ graph breaks TensorRT's INT8 rules ({bad[0]}; {len(bad)} in all); "
+                             "export it again with --int8-target tensorrt")
+    profile = optimization_profile(src, opts)
+    cache = Path(opts.timing_cache) if opts.timing_cache else Path(out) / "timing.cache"
+    engine = Path(out) / GRAPH_FILES["tensorrt"]
+    return {"format": EXPORT_FORMAT, "graph": GRAPH_FILES["tensorrt"], "kind": src.get("kind", "denoiser"),
+            "precision": src["precision"], "target": "tensorrt", "metadata": src["metadata"],
+            "image_shape": src["image_shape"], "labels": src["labels"], "guided": src["guided"],
+            **{k: src[k] for k in ("sampler", "steps", "timesteps", "noise_slots") if k in src},
+            "source": {"export": str(source), "onnx_sha256": sha256(Path(src["path"]))},
+            "tensorrt": {"profile": profile, "workspace": opts.workspace, "timing_cache": str(cache),
+                         "trtexec": trtexec_command(Path(src["path"]), engine, profile, opts, cache)}}
+
+
+def build_engine(source: Path, out: Path, opts: BuildOptions, *, command: str = "", log=print) -> dict[str, Any]:
+    """Build a strongly typed engine from the ONNX export ``source`` into the folder ``out`` (needs TensorRT)."""
+    manifest = prepare_build(source, out, opts)
+    manifest["command"] = command
+    trt = _import_tensorrt()
+    gpu, capability = _gpu()
+    src = read_manifest(source)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)  # by name: the bit differs in 10 and 11
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(src["path"]):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise DistillError(f"{source}: TensorRT could not parse the ONNX graph: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, opts.workspace)
+    profile = builder.create_optimization_profile()
+    for name, dims in manifest["tensorrt"]["profile"].items():
+        profile.set_shape(name, dims["min"], dims["opt"], dims["max"])
+    config.add_optimization_profile(profile)
+    cache_path = Path(manifest["tensorrt"]["timing_cache"])
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    log(f"building a {manifest['precision']} TensorRT engine for {gpu} ...")
+    start = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise DistillError(f"{source}: TensorRT failed to build the engine (see its log above)")
+    with staged_dir(out) as stage:
+        (stage / GRAPH_FILES["tensorrt"]).write_bytes(bytes(plan))
+        serialized = config.get_timing_cache().serialize()
+        target = stage / cache_path.name if cache_path.parent == Path(out) else cache_path
+        target.write_bytes(bytes(serialized))
+        manifest["tensorrt"].update({"version": trt.__version__, "gpu": gpu, "compute_capability": capability,
+                                     "build_seconds": round(time.perf_counter() - start, 1)})
+        manifest["files"] = {p.name: sha256(p) for p in sorted(stage.iterdir()) if p.is_file()}
+        write_manifest(stage, manifest)
+    return manifest
+
+
+class TensorRTBackend:
+    """A TensorRT engine behind the backend protocol (CUDA tensors in and out, on a non-default stream)."""
+
+    name = "tensorrt"
+
+    def __init__(self, manifest: dict[str, Any], device: str = "cuda"):
+        import torch
+
+        from distill.schedules import schedule_from_config
+
+        trt = _import_tensorrt()
+        gpu, capability = _gpu()
+        check_engine_compatible(manifest, trt.__version__, gpu, capability)
+        meta = manifest["metadata"]
+        self.manifest, self.metadata, self.kind = manifest, meta, manifest.get("kind", "denoiser")
+        self.precision, self.device = manifest["precision"], device if device != "cpu" else "cuda"
+        self.schedule = schedule_from_config(meta["diffusion"]["schedule"])
+        config = meta["model"]["config"]
+        self.image_shape = tuple(manifest["image_shape"])
+        self.num_classes = int(config.get("num_classes") or 0)
+        self.null_label = self.num_classes if self.num_classes else None
+        self.guidance_input = bool(config.get("guidance_embed"))
+        self.labels, self.guided = manifest["labels"], manifest["guided"]
+        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(
+            Path(manifest["path"]).read_bytes())
+        if self.engine is None:
+            raise UsageError(f"{manifest['path']}: TensorRT refused to deserialize the engine; rebuild it here")
+        self.context = self.engine.create_execution_context()
+        self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output = next(n for n in self.names if n not in self.inputs)
+        self.stream = torch.cuda.Stream()
+
+    def _run(self, inputs: list) -> Any:
+        import torch
+
+        dev = torch.device(self.device)
+        tensors = [x.to(dev).contiguous() for x in inputs]
+        for name, x in zip(self.inputs, tensors):
+            self.context.set_input_shape(name, tuple(x.shape))
+            self.context.set_tensor_address(name, x.data_ptr())
+        out = torch.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=torch.float32, device=dev)
+        self.context.set_tensor_address(self.output, out.data_ptr())
+        self.stream.wait_stream(torch.cuda.current_stream(dev))
+        self.context.execute_async_v3(self.stream.cuda_stream)
+        torch.cuda.current_stream(dev).wait_stream(self.stream)
+        return out
+
+    def __call__(self, x_t, t, cond=None):
+        from export.backends import graph_inputs
+
+        inputs = graph_inputs(x_t.float(), t, cond, labels=self.labels, guided=self.guided,
+                              null_label=self.null_label, source=self.manifest.get("path", "the engine"))
+        return self._run(inputs).to(device=x_t.device, dtype=x_t.dtype)
+
+    def sample(self, seeds, cond=None):
+        from export.backends import graph_inputs
+        from export.fused import fused_noise
+
+        noise = fused_noise(seeds, self.image_shape, self.manifest["noise_slots"])
+        inputs = graph_inputs(noise, 0.0, cond, labels=self.labels, guided=self.guided, null_label=self.null_label,
+                              source=self.manifest.get("path", "the engine"))
+        del inputs[1]
+        return self._run(inputs).cpu()
