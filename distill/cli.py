@@ -545,7 +545,8 @@ def export_onnx_(model, out, precision, fused, guided, sampler, steps, int8_targ
 @click.option("--out", type=NonEmptyPath(file_okay=False, path_type=Path), required=True, metavar="DIR",
               help="The engine folder (model.engine + manifest.json + timing.cache).")
 @click.option("--min-batch", type=click.IntRange(1), default=1, metavar="B")
-@click.option("--opt-batch", type=click.IntRange(1), default=64, metavar="B")
+@click.option("--opt-batch", type=click.IntRange(1), default=None, metavar="B",
+              help="The batch TensorRT tunes for [default: 64, within the min/max range].")
 @click.option("--max-batch", type=click.IntRange(1), default=256, metavar="B")
 @click.option("--workspace", type=click.IntRange(1), default=4 << 30, metavar="BYTES")
 @click.option("--timing-cache", type=NonEmptyPath(dir_okay=False, path_type=Path), default=None, metavar="FILE",

@@ -158,7 +158,7 @@ def step_ranges(model_path: Path, calib: CalibrationSet, percentile: float, work
         calibrator.collect_data(_Reader(calib, np.flatnonzero(calib.step == step)))
         for name, data in calibrator.compute_data().data.items():
             lo, hi = data.range_value
-            per_step.setdefault(name, []).append(max(abs(float(lo)), abs(float(hi))))
+            per_step.setdefault(name, []).append(float(max(np.abs(lo).max(), np.abs(hi).max())))
         del calibrator
     out = {}
     for name, amaxes in per_step.items():

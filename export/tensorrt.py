@@ -41,10 +41,14 @@ class TensorRTUnavailable(DistillError):
 @dataclass
 class BuildOptions:
     min_batch: int = 1
-    opt_batch: int = 64
+    opt_batch: int | None = None  # default: 64, or max_batch when smaller
     max_batch: int = 256
     workspace: int = DEFAULT_WORKSPACE
     timing_cache: Path | None = None  # persistent across builds; default: beside the engine
+
+    def __post_init__(self):
+        if self.opt_batch is None:
+            self.opt_batch = max(self.min_batch, min(64, self.max_batch))
 
     def validate(self) -> None:
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:

@@ -92,7 +92,7 @@ def load_backend(source: str | Path, backend: str | None = None, *, precision: s
         if backend not in ("onnxruntime", "onnxruntime-trt"):
             raise UsageError(f"--backend {backend}: {source} is an ONNX export; use --backend onnxruntime (or "
                              "onnxruntime-trt), or pass the model file for eager / compile")
-        from export.backends.onnxruntime import OrtBackend
+        from export.backends.ort_backend import OrtBackend
 
         return OrtBackend(manifest, device=device, tensorrt_ep=backend == "onnxruntime-trt", threads=threads)
     backend = backend or "eager"
@@ -101,7 +101,7 @@ def load_backend(source: str | Path, backend: str | None = None, *, precision: s
             raise UsageError(f"--precision {precision}: the {backend} backend runs {', '.join(TORCH_PRECISIONS)}; "
                              "int8 needs an export (distill export onnx --precision int8)")
         from distill.checkpoint import load_denoiser
-        from export.backends.torch import TorchBackend
+        from export.backends.torch_backend import TorchBackend
 
         return TorchBackend(load_denoiser(source, device), backend, precision, device)
     if backend == "tensorrt":
@@ -110,7 +110,7 @@ def load_backend(source: str | Path, backend: str | None = None, *, precision: s
     if precision != "fp32":
         raise UsageError(f"--precision {precision} with --backend {backend}: export the model first (distill export "
                          f"onnx {source} --precision {precision} --out DIR) and pass DIR")
-    from export.backends.onnxruntime import OrtBackend
+    from export.backends.ort_backend import OrtBackend
 
     return OrtBackend.from_model(str(source), device=device, tensorrt_ep=backend == "onnxruntime-trt",
                                  threads=threads)

@@ -1,0 +1,328 @@
+"""Export and deployment backends: parity, INT8 quality, and CPU speed per network evaluation, in one run.
+
+    python -m benchmarks.export                      # the shipped 4-step student, 2,500 samples per quality row
+    python -m benchmarks.export --samples 500 --repeats 10 --out /tmp/export
+
+1. Exports of ``--model`` (``distill export onnx``) into ``--workdir``: FP32, FP16, the fused few-step sampler, and
+   INT8 for the CPU (trajectory, random and step-percentile calibration) and for TensorRT (trajectory).
+2. Parity, from each export's own check: FP32 and FP16 against torch at batch 1, 7, 64 on trajectory inputs; the
+   fused graph against the Python sampling loop on the same noise.
+3. Quality: domain FD and class accuracy of ``--samples`` samples (seeds 0 ..., against real half A) of torch FP32
+   and each INT8 graph (run on ONNX Runtime's CPU provider), with the FD ratio to FP32.
+4. Speed per network evaluation at batch 1 and 64 (median, p10, p90 of ``--repeats`` timed calls after warm-up, one
+   backend alive at a time so that no idle thread pool competes): torch eager fp32 and bf16 autocast,
+   torch.compile (inductor, freezing) fp32 and bf16, ONNX Runtime fp32 / fp16 / INT8 (both targets). Also a whole
+   4-step sample: the fused graph against the Python loop over the per-step graph. Each path's achieved GFLOP/s is
+   set against this CPU's measured matrix peak (a large fp32 and bf16 torch matmul, an int8 ONNX Runtime MatMul).
+
+Writes ``<out>.csv`` (every row), ``<out>.json`` (rows, goals, machine) and ``<out>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from benchmarks.evaluate import evaluate, write_json
+from benchmarks.metrics import Quality
+from distill.checkpoint import atomic_write, load_denoiser
+from distill.data import load_dataset
+from distill.denoiser import Cond, DenoiserGraph
+from export.artifact import read_manifest
+from export.backends import load_backend
+from export.calibration import trajectory_inputs
+from export.onnx import ExportOptions, export_onnx, ort_session
+from export.precision import Int8Options
+
+EXPORTS = {
+    "fp32": ExportOptions(),
+    "fp16": ExportOptions(precision="fp16"),
+    "fused-fp32": ExportOptions(fused=True),
+    "int8-cpu-trajectory": ExportOptions(precision="int8", int8=Int8Options(target="cpu", calibration="trajectory")),
+    "int8-cpu-random": ExportOptions(precision="int8", int8=Int8Options(target="cpu", calibration="random")),
+    "int8-cpu-step-percentile": ExportOptions(precision="int8", int8=Int8Options(
+        target="cpu", calibration="trajectory", method="step-percentile")),
+    "int8-tensorrt-trajectory": ExportOptions(precision="int8", int8=Int8Options(target="tensorrt")),
+}
+BATCHES = (1, 64)
+INT8_FD_BOUND = 1.05  # the INT8 student's FD at most 5 % above its FP32 FD
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def make_exports(model: str, workdir: Path, names: list[str]) -> dict[str, dict]:
+    out = {}
+    for name in names:
+        folder = workdir / name
+        if (folder / "manifest.json").is_file() and read_manifest(folder)["source"]["model"] == model:
+            out[name] = read_manifest(folder)
+            continue
+        print(f"export {name} ...", flush=True)
+        out[name] = export_onnx(model, folder, EXPORTS[name], command="python -m benchmarks.export",
+                                log=lambda *a: None)
+        out[name]["path"] = str(folder / "model.onnx")
+    return out
+
+
+def parity_rows(manifests: dict[str, dict]) -> list[dict]:
+    rows = []
+    for name, m in manifests.items():
+        p = m["parity"]
+        for batch, v in p["batches"].items():
+            rows.append({"section": "parity", "config": name, "batch": int(batch[1:]), "against": p["against"],
+                         "rel_err": v["rel_err"], "bound": p["tolerance"],
+                         "pass": bool(v["finite"] and (p["tolerance"] is None or v["rel_err"] <= p["tolerance"]))})
+    return rows
+
+
+def quality_rows(model: str, workdir: Path, names: list[str], samples: int, batch: int) -> list[dict]:
+    quality = Quality(load_dataset("mnist"), ref="A", metrics=("fd", "acc"), progress=False)
+    seeds = list(range(samples))
+    rows = []
+    configs = [("torch-fp32", lambda: load_backend(model))] + [
+        (n, lambda n=n: load_backend(workdir / n)) for n in names if n.startswith("int8")]
+    for name, make in configs:
+        backend = make()
+        start = time.perf_counter()
+        r = evaluate(name, data_spec="mnist", quality=quality, denoiser=backend, seeds=seeds, batch_size=batch,
+                     progress=False)
+        rows.append({"section": "quality", "config": name, "n_fake": samples, "fd": r["fd"], "acc": r.get("acc"),
+                     "sample_seconds": round(time.perf_counter() - start, 1)})
+        print(f"quality {name}: FD {r['fd']:.4g}", flush=True)
+        del backend
+        gc.collect()
+    ref = rows[0]["fd"]
+    for r in rows:
+        r["fd_ratio"] = r["fd"] / ref
+    return rows
+
+
+def timed(fn, repeats: int, warmup: int = 3) -> dict:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    ms = np.array(times) * 1000
+    return {"median_ms": float(np.median(ms)), "p10_ms": float(np.percentile(ms, 10)),
+            "p90_ms": float(np.percentile(ms, 90))}
+
+
+def network_flops(den) -> int:
+    """FLOPs of one network evaluation at batch 1 (torch's counter: 2 per multiply-add in conv / matmul)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    graph = DenoiserGraph(den, labels=den.num_classes > 0).eval()
+    inputs = graph.example_inputs(1, den.image_shape)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        graph(*inputs)
+    return counter.get_total_flops()
+
+
+def matrix_peaks(repeats: int) -> dict:
+    """This CPU's measured matrix throughput (GFLOP/s; int8: GOP/s) at the benchmark's thread count."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    out = {}
+    n = 2048
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        t = timed(lambda a=a, b=b: a @ b, repeats)["median_ms"]
+        out[f"torch_{name}_gflops"] = 2 * n**3 / t / 1e6
+    # int8: ONNX Runtime's MatMulInteger (u8 x s8 -> s32), the kernel family its QLinear ops use
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "b"], ["c"])], "mm",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n]),
+         helper.make_tensor_value_info("b", TensorProto.INT8, [n, n])],
+        [helper.make_tensor_value_info("c", TensorProto.INT32, [n, n])])
+    path = Path("/tmp/distill-int8-peak.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    session = ort_session(path, threads=torch.get_num_threads())
+    feed = {"a": np.random.randint(0, 255, (n, n), dtype=np.uint8), "b": np.random.randint(-127, 127, (n, n),
+                                                                                           dtype=np.int8)}
+    t = timed(lambda: session.run(None, feed), repeats)["median_ms"]
+    out["ort_int8_gops"] = 2 * n**3 / t / 1e6
+    return out
+
+
+def speed_rows(model: str, workdir: Path, names: list[str], repeats: int, flops: int) -> list[dict]:
+    den = load_denoiser(model)
+    rows = []
+    calib = trajectory_inputs(den, 16, labels=den.num_classes > 0, guided=False, seed=5_000_000)
+    paths = [("torch eager", "fp32", lambda: load_backend(model, "eager")),
+             ("torch eager", "bf16", lambda: load_backend(model, "eager", precision="bf16")),
+             ("torch.compile (freezing)", "fp32", lambda: load_backend(model, "compile")),
+             ("torch.compile (freezing)", "bf16", lambda: load_backend(model, "compile", precision="bf16"))]
+    paths += [("onnxruntime", n.removeprefix("int8-").replace("-trajectory", " int8") if n.startswith("int8") else n,
+               lambda n=n: load_backend(workdir / n)) for n in names
+              if not n.startswith("fused") and n != "int8-cpu-random" and n != "int8-cpu-step-percentile"]
+    for backend_name, precision, make in paths:
+        backend = make()
+        for b in BATCHES:
+            feed = calib.spread(b)
+            x, t = torch.from_numpy(feed["x_t"]), torch.from_numpy(feed["t"])
+            cond = Cond(torch.from_numpy(feed["labels"])) if "labels" in feed else None
+            start = time.perf_counter()
+            backend(x, t, cond)  # first call: compiles where the backend compiles
+            first = time.perf_counter() - start
+            r = timed(lambda x=x, t=t, cond=cond, f=backend: f(x, t, cond), repeats)
+            gflops = flops * b / r["median_ms"] / 1e6
+            rows.append({"section": "speed", "config": f"{backend_name} {precision}", "backend": backend_name,
+                         "precision": precision, "batch": b, **r, "first_call_s": round(first, 2),
+                         "gflops": gflops})
+            print(f"speed {backend_name} {precision} b{b}: {r['median_ms']:.2f} ms", flush=True)
+        del backend
+        gc.collect()
+        torch._dynamo.reset()
+    return rows
+
+
+def sample_rows(model: str, workdir: Path, repeats: int) -> list[dict]:
+    """A whole few-step sample: the fused graph (one call) against the Python loop over the per-step graph."""
+    from distill.samplers import generate
+
+    rows = []
+    fused = load_backend(workdir / "fused-fp32")
+    step = load_backend(workdir / "fp32")
+    m = fused.manifest
+    for b in BATCHES:
+        seeds = list(range(b))
+        labels = torch.arange(b) % 10
+        cond = Cond(labels)
+        r_fused = timed(lambda s=seeds, c=cond: fused.sample(s, c), repeats)
+        r_loop = timed(lambda s=seeds, c=cond: generate(step, step.image_shape, s, sampler=m["sampler"],
+                                                        steps=m["steps"], timesteps=m["timesteps"], cond=c), repeats)
+        for name, r in (("fused graph (one call)", r_fused), ("python loop over the per-step graph", r_loop)):
+            rows.append({"section": "sample", "config": f"onnxruntime fp32 {name}", "batch": b, "steps": m["steps"],
+                         **r})
+    return rows
+
+
+def goals(rows: pd.DataFrame) -> list[dict]:
+    speed = rows[rows.section == "speed"]
+    out = []
+
+    def ms(config: str, b: int) -> float | None:
+        v = speed[(speed.config == config) & (speed.batch == b)].median_ms
+        return float(v.iloc[0]) if len(v) else None
+
+    exported = speed[speed.backend == "onnxruntime"]
+    for b in BATCHES:
+        base = ms("torch.compile (freezing) bf16", b)
+        best = exported[exported.batch == b].sort_values("median_ms").iloc[0]
+        out.append({"goal": f"best exported path >= 2x torch.compile+bf16 at batch {b}",
+                    "value": f"{best.config}: {base / best.median_ms:.2f}x ({best.median_ms:.2f} vs {base:.2f} ms)",
+                    "met": bool(base / best.median_ms >= 2)})
+    fp32, int8 = ms("onnxruntime fp32", 64), ms("onnxruntime cpu int8", 64)
+    if fp32 and int8:
+        out.append({"goal": "CPU INT8 graph >= 1.5x the FP32 graph at batch 64",
+                    "value": f"{fp32 / int8:.2f}x ({int8:.1f} vs {fp32:.1f} ms)", "met": bool(fp32 / int8 >= 1.5)})
+    q = rows[rows.section == "quality"].set_index("config")
+    if "int8-cpu-trajectory" in q.index:
+        ratio = float(q.loc["int8-cpu-trajectory", "fd_ratio"])
+        out.append({"goal": "INT8 (cpu, trajectory calibration) FD <= 1.05x FP32 FD", "value": f"{ratio:.3f}x",
+                    "met": ratio <= INT8_FD_BOUND})
+    if {"int8-cpu-trajectory", "int8-cpu-random"} <= set(q.index):
+        traj, rand = float(q.loc["int8-cpu-trajectory", "fd"]), float(q.loc["int8-cpu-random", "fd"])
+        out.append({"goal": "trajectory calibration better than random-input calibration (FD)",
+                    "value": f"{traj:.4g} vs {rand:.4g}", "met": traj < rand})
+    par = rows[rows.section == "parity"]
+    out.append({"goal": "parity: FP32 <= 1e-5, FP16 <= 1e-2 (batch 1/7/64), fused = loop <= 1e-4",
+                "value": ", ".join(f"{c} {g.rel_err.max():.1e}" for c, g in par[par.bound.notna()].groupby("config")),
+                "met": bool(par[par.bound.notna()]["pass"].all())})
+    return out
+
+
+def markdown(df: pd.DataFrame, meta: dict, goal_rows: list[dict]) -> str:
+    def table(frame: pd.DataFrame, cols: list[str]) -> str:
+        frame = frame[[c for c in cols if c in frame]]
+        head = "| " + " | ".join(frame.columns) + " |\n|" + "---|" * len(frame.columns) + "\n"
+
+        def cell(v):
+            return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+        return head + "\n".join("| " + " | ".join(cell(v) for v in r) + " |" for r in frame.itertuples(index=False))
+
+    peaks = meta["peaks"]
+    lines = [f"# Export and backends: {meta['model']} on {meta['machine']['cpu']} ({meta['threads']} threads)", "",
+             f"Reproduce: `{meta['command']}`", "", "## Goals", "",
+             table(pd.DataFrame(goal_rows), ["goal", "value", "met"]), "",
+             "## Parity (relative error against torch fp32, or the Python loop for the fused graph)", "",
+             table(df[df.section == "parity"], ["config", "batch", "against", "rel_err", "bound", "pass"]), "",
+             f"## Quality ({meta['samples']} samples, domain FD against real half A; INT8 on ONNX Runtime CPU)", "",
+             table(df[df.section == "quality"], ["config", "fd", "fd_ratio", "acc", "sample_seconds"]), "",
+             "## Speed per network evaluation (ms)", "",
+             table(df[df.section == "speed"], ["config", "batch", "median_ms", "p10_ms", "p90_ms", "gflops",
+                                               "first_call_s"]), "",
+             f"One evaluation is {meta['flops_per_image'] / 1e6:.1f} MFLOP per image. Measured matrix peaks here: "
+             f"fp32 {peaks['torch_fp32_gflops']:.0f} GFLOP/s, bf16 {peaks['torch_bf16_gflops']:.0f} GFLOP/s "
+             f"(torch matmul 2048²), int8 {peaks['ort_int8_gops']:.0f} GOP/s (ONNX Runtime MatMulInteger 2048²).", "",
+             "## A whole sample (ms)", "",
+             table(df[df.section == "sample"], ["config", "batch", "steps", "median_ms", "p10_ms", "p90_ms"]), ""]
+    if meta.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in meta["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="mnist-4step")
+    parser.add_argument("--samples", type=int, default=2500, help="Samples per quality row.")
+    parser.add_argument("--repeats", type=int, default=30, help="Timed calls per speed row.")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workdir", type=Path, default=Path("runs/exports"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/export"))
+    parser.add_argument("--skip", default="", help="Comma-separated sections to skip: quality, speed, sample.")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    skip = set(filter(None, args.skip.split(",")))
+    names = list(EXPORTS)
+    manifests = make_exports(args.model, args.workdir, names)
+    rows = parity_rows(manifests)
+    if "quality" not in skip:
+        rows += quality_rows(args.model, args.workdir, names, args.samples, batch=250)
+    den = load_denoiser(args.model)
+    flops = network_flops(den)
+    peaks = matrix_peaks(10)
+    if "speed" not in skip:
+        rows += speed_rows(args.model, args.workdir, names, args.repeats, flops)
+    if "sample" not in skip:
+        rows += sample_rows(args.model, args.workdir, args.repeats)
+    df = pd.DataFrame(rows)
+    goal_rows = goals(df)
+    meta = {"model": args.model, "samples": args.samples, "repeats": args.repeats, "threads": args.threads,
+            "flops_per_image": flops, "peaks": peaks,
+            "machine": {"cpu": cpu_name(), "torch": torch.__version__,
+                        **manifests["fp32"]["versions"]},
+            "command": "python -m benchmarks.export" + (f" --samples {args.samples}" if args.samples != 2500 else ""),
+            "exports": {n: {k: m.get(k) for k in ("precision", "target", "kind", "int8", "fp16")}
+                        for n, m in manifests.items()}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(args.out.with_suffix(".csv"), lambda tmp: df.to_csv(tmp, index=False))
+    write_json(args.out.with_suffix(".json"), {"meta": meta, "goals": goal_rows, "rows": rows})
+    atomic_write(args.out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(markdown(df, meta, goal_rows)))
+    print(json.dumps(goal_rows, indent=1))
+    return df
+
+
+if __name__ == "__main__":
+    main()
