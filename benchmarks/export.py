@@ -51,6 +51,7 @@ EXPORTS = {
     "int8-cpu-step-percentile": ExportOptions(precision="int8", int8=Int8Options(
         target="cpu", calibration="trajectory", method="step-percentile")),
     "int8-tensorrt-trajectory": ExportOptions(precision="int8", int8=Int8Options(target="tensorrt")),
+    "fused-int8-cpu": ExportOptions(fused=True, precision="int8", int8=Int8Options(target="cpu")),
 }
 BATCHES = (1, 64)
 INT8_FD_BOUND = 1.05  # the INT8 student's FD at most 5 % above its FP32 FD
@@ -96,7 +97,7 @@ def quality_rows(model: str, workdir: Path, names: list[str], samples: int, batc
     seeds = list(range(samples))
     rows = []
     configs = [("torch-fp32", lambda: load_backend(model))] + [
-        (n, lambda n=n: load_backend(workdir / n)) for n in names if n.startswith("int8")]
+        (n, lambda n=n: load_backend(workdir / n)) for n in names if "int8" in n]
     for name, make in configs:
         backend = make()
         start = time.perf_counter()
@@ -174,7 +175,7 @@ def speed_rows(model: str, workdir: Path, names: list[str], repeats: int, flops:
              ("torch.compile (freezing)", "bf16", lambda: load_backend(model, "compile", precision="bf16"))]
     paths += [("onnxruntime", n.removeprefix("int8-").replace("-trajectory", " int8") if n.startswith("int8") else n,
                lambda n=n: load_backend(workdir / n)) for n in names
-              if not n.startswith("fused") and n != "int8-cpu-random" and n != "int8-cpu-step-percentile"]
+              if n in ("fp32", "fp16", "int8-cpu-trajectory", "int8-tensorrt-trajectory")]
     for backend_name, precision, make in paths:
         backend = make()
         for b in BATCHES:
@@ -196,24 +197,55 @@ def speed_rows(model: str, workdir: Path, names: list[str], repeats: int, flops:
     return rows
 
 
+def op_profile(path: Path, feed: dict[str, np.ndarray], runs: int = 10) -> dict[str, float]:
+    """ONNX Runtime's own profile of ``runs`` calls: milliseconds per call spent in each op type (top 10 + rest)."""
+    import os
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.enable_profiling, options.intra_op_num_threads = True, torch.get_num_threads()
+    options.profile_file_prefix = "/tmp/distill-ort-profile"
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        session.run(None, feed)
+    file = session.end_profiling()
+    events = json.loads(Path(file).read_text())
+    os.remove(file)
+    per_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            per_op[e["args"]["op_name"]] = per_op.get(e["args"]["op_name"], 0.0) + e["dur"] / 1000 / runs
+    top = dict(sorted(per_op.items(), key=lambda kv: -kv[1])[:10])
+    top["(other)"] = sum(per_op.values()) - sum(top.values())
+    return {k: round(v, 2) for k, v in top.items()}
+
+
 def sample_rows(model: str, workdir: Path, repeats: int) -> list[dict]:
     """A whole few-step sample: the fused graph (one call) against the Python loop over the per-step graph."""
     from distill.samplers import generate
 
     rows = []
-    fused = load_backend(workdir / "fused-fp32")
-    step = load_backend(workdir / "fp32")
-    m = fused.manifest
-    for b in BATCHES:
-        seeds = list(range(b))
-        labels = torch.arange(b) % 10
-        cond = Cond(labels)
-        r_fused = timed(lambda s=seeds, c=cond: fused.sample(s, c), repeats)
-        r_loop = timed(lambda s=seeds, c=cond: generate(step, step.image_shape, s, sampler=m["sampler"],
-                                                        steps=m["steps"], timesteps=m["timesteps"], cond=c), repeats)
-        for name, r in (("fused graph (one call)", r_fused), ("python loop over the per-step graph", r_loop)):
-            rows.append({"section": "sample", "config": f"onnxruntime fp32 {name}", "batch": b, "steps": m["steps"],
-                         **r})
+    configs = [("onnxruntime fp32 fused graph (one call)", load_backend(workdir / "fused-fp32"), True),
+               ("onnxruntime fp32 python loop over the per-step graph", load_backend(workdir / "fp32"), False),
+               ("onnxruntime cpu int8 fused graph (one call)", load_backend(workdir / "fused-int8-cpu"), True),
+               ("onnxruntime cpu int8 python loop over the per-step graph",
+                load_backend(workdir / "int8-cpu-trajectory"), False),
+               ("torch.compile (freezing) bf16 python loop", load_backend(model, "compile", precision="bf16"), False)]
+    m = configs[0][1].manifest
+    for name, backend, fused in configs:
+        for b in BATCHES:
+            seeds, cond = list(range(b)), Cond(torch.arange(b) % 10)
+            if fused:
+                r = timed(lambda s=seeds, c=cond, f=backend: f.sample(s, c), repeats)
+            else:
+                r = timed(lambda s=seeds, c=cond, f=backend: generate(
+                    f, f.image_shape, s, sampler=m["sampler"], steps=m["steps"], timesteps=m["timesteps"], cond=c),
+                    repeats)
+            rows.append({"section": "sample", "config": name, "batch": b, "steps": m["steps"], **r,
+                         "images_per_s": b / r["median_ms"] * 1000})
+            print(f"sample {name} b{b}: {r['median_ms']:.1f} ms", flush=True)
+    torch._dynamo.reset()
     return rows
 
 
@@ -277,7 +309,14 @@ def markdown(df: pd.DataFrame, meta: dict, goal_rows: list[dict]) -> str:
              f"fp32 {peaks['torch_fp32_gflops']:.0f} GFLOP/s, bf16 {peaks['torch_bf16_gflops']:.0f} GFLOP/s "
              f"(torch matmul 2048²), int8 {peaks['ort_int8_gops']:.0f} GOP/s (ONNX Runtime MatMulInteger 2048²).", "",
              "## A whole sample (ms)", "",
-             table(df[df.section == "sample"], ["config", "batch", "steps", "median_ms", "p10_ms", "p90_ms"]), ""]
+             table(df[df.section == "sample"], ["config", "batch", "steps", "median_ms", "p10_ms", "p90_ms",
+                                                "images_per_s"]), ""]
+    prof = meta.get("op_profile_b64_ms") or {}
+    if prof:
+        lines += ["## Where the time goes at batch 64 (ONNX Runtime's profile, ms per call by op type)", ""]
+        for name, ops in prof.items():
+            lines.append(f"- {name}: " + ", ".join(f"{op} {ms:.1f}" for op, ms in ops.items()))
+        lines.append("")
     if meta.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in meta["notes"]] + [""]
     return "\n".join(lines)
@@ -307,10 +346,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         rows += speed_rows(args.model, args.workdir, names, args.repeats, flops)
     if "sample" not in skip:
         rows += sample_rows(args.model, args.workdir, args.repeats)
+    feed = trajectory_inputs(den, 16, labels=den.num_classes > 0, guided=False, seed=5_000_000).spread(64)
+    profiles = {n: op_profile(Path(manifests[n]["path"]), feed) for n in ("fp32", "int8-cpu-trajectory")}
     df = pd.DataFrame(rows)
     goal_rows = goals(df)
     meta = {"model": args.model, "samples": args.samples, "repeats": args.repeats, "threads": args.threads,
-            "flops_per_image": flops, "peaks": peaks,
+            "flops_per_image": flops, "peaks": peaks, "op_profile_b64_ms": profiles,
             "machine": {"cpu": cpu_name(), "torch": torch.__version__,
                         **manifests["fp32"]["versions"]},
             "command": "python -m benchmarks.export" + (f" --samples {args.samples}" if args.samples != 2500 else ""),

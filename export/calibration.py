@@ -59,6 +59,32 @@ def guidance_values(den: Denoiser, count: int) -> np.ndarray:
     return lo + (np.arange(count) + 0.5) / count * (hi - lo)
 
 
+def stratified_guidance(den: Denoiser, count: int) -> np.ndarray:
+    """``w`` for ``count`` samples whose labels cycle over the classes, spread over :func:`guidance_range` so that
+    every class meets the whole range (``w`` advances along the class cycles)."""
+    num = max(1, den.num_classes)
+    order = np.argsort([(i // num) + (i % num) / num for i in range(count)], kind="stable")
+    return guidance_values(den, count)[order]
+
+
+def fused_inputs(fused, samples: int, seed: int = CALIBRATION_SEED) -> CalibrationSet:
+    """Calibration inputs of a fused sampler graph (:class:`~export.fused.FusedSampler`): its own noise, labels and
+    ``w``. The network inside sees its real trajectories, and each unrolled step's copy gets its own ranges:
+    timestep-aware calibration by construction."""
+    from export.fused import fused_noise
+
+    den = fused.denoiser
+    inputs = {"noise": fused_noise(range(seed, seed + samples), fused.shape, fused.slots).numpy()}
+    if fused.labels:
+        inputs["labels"] = (np.arange(samples) % den.num_classes).astype(np.int64)
+    if fused.guided:
+        inputs["w"] = stratified_guidance(den, samples).astype(np.float32)
+    info = {"source": "trajectory", "trajectories": samples, "fused": True, "sampler": fused.sampler,
+            "steps": fused.steps, "timesteps": fused.times, "seeds": f"{seed}-{seed + samples - 1}",
+            "inputs": samples, "ranges": "per unrolled step (each step's copy of the network calibrated apart)"}
+    return CalibrationSet(inputs, np.zeros(samples, dtype=int), info)
+
+
 class _Recorder:
     """A denoiser that records each call's inputs (as graph inputs) before answering."""
 
@@ -86,11 +112,7 @@ def trajectory_inputs(den: Denoiser, trajectories: int, *, labels: bool, guided:
     sampler, steps, spacing, timesteps = card_sampling(meta)
     c = den.net.config
     shape = (c.in_channels, c.image_size, c.image_size)
-    ws = guidance_values(den, trajectories) if guided else None
-    if ws is not None:  # every class meets the whole w range: w varies along the class cycles
-        num = max(1, c.num_classes)
-        order = np.argsort([(i // num) + (i % num) / num for i in range(trajectories)], kind="stable")
-        ws = ws[order]
+    ws = stratified_guidance(den, trajectories) if guided else None
     recorder = _Recorder(den, labels, guided)
     steps_of_row = []
     for start in range(0, trajectories, batch_size):

@@ -218,7 +218,7 @@ def test_backend_mistakes_are_one_line(tmp_path, teacher_file, distill_main, arg
     (["--fused"], "unrolls at most 8"),
     (["--calib-method", "entropy"], "applies to --precision int8"),
     (["--steps", "3"], "add --fused"),
-    (["--precision", "int8", "--fused"], "calibrated per network evaluation"),
+    (["--precision", "int8", "--fused", "--steps", "2", "--calibration", "random"], "own noise inputs"),
 ])
 def test_export_mistakes_are_one_line_and_write_nothing(tmp_path, teacher_file, distill_main, args, needle):
     r = distill_main("export", "onnx", teacher_file, "--out", tmp_path / "e", *args)
