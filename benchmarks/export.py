@@ -52,7 +52,11 @@ EXPORTS = {
         target="cpu", calibration="trajectory", method="step-percentile")),
     "int8-tensorrt-trajectory": ExportOptions(precision="int8", int8=Int8Options(target="tensorrt")),
     "fused-int8-cpu": ExportOptions(fused=True, precision="int8", int8=Int8Options(target="cpu")),
+    "fused-int8-cpu-last-float": ExportOptions(fused=True, precision="int8", int8=Int8Options(
+        target="cpu", float_steps=(4,))),
 }
+# Model Optimizer's graphs, made in their own environment by benchmarks/modelopt_int8.py, scored when present.
+MODELOPT = ("modelopt-int8", "modelopt-int8-fp32")
 BATCHES = (1, 64)
 INT8_FD_BOUND = 1.05  # the INT8 student's FD at most 5 % above its FP32 FD
 
@@ -97,14 +101,22 @@ def quality_rows(model: str, workdir: Path, names: list[str], samples: int, batc
     seeds = list(range(samples))
     rows = []
     configs = [("torch-fp32", lambda: load_backend(model))] + [
-        (n, lambda n=n: load_backend(workdir / n)) for n in names if "int8" in n]
+        (n, lambda n=n: load_backend(workdir / n)) for n in names if "int8" in n] + [
+        (n, lambda n=n: load_backend(workdir / n)) for n in MODELOPT if (workdir / n / "manifest.json").is_file()]
     for name, make in configs:
         backend = make()
         start = time.perf_counter()
         r = evaluate(name, data_spec="mnist", quality=quality, denoiser=backend, seeds=seeds, batch_size=batch,
                      progress=False)
-        rows.append({"section": "quality", "config": name, "n_fake": samples, "fd": r["fd"], "acc": r.get("acc"),
-                     "sample_seconds": round(time.perf_counter() - start, 1)})
+        i8 = getattr(backend, "manifest", {}).get("int8") or {}
+        how = "torch fp32" if name == "torch-fp32" else (
+            f"{i8.get('quantizer', '')}; high precision {i8.get('high_precision_dtype', 'fp32')}"
+            if name.startswith("modelopt") else
+            f"{i8.get('target')} target, {i8.get('calibration')} calibration ({i8.get('method')}), "
+            f"{'per-step ranges (fused)' if i8.get('calibration_set', {}).get('fused') else 'one range per tensor'}"
+            + (f", steps {i8.get('float_steps')} in float" if i8.get("float_steps") else ""))
+        rows.append({"section": "quality", "config": name, "how": how, "n_fake": samples, "fd": r["fd"],
+                     "acc": r.get("acc"), "sample_seconds": round(time.perf_counter() - start, 1)})
         print(f"quality {name}: FD {r['fd']:.4g}", flush=True)
         del backend
         gc.collect()
@@ -165,35 +177,54 @@ def matrix_peaks(repeats: int) -> dict:
     return out
 
 
-def speed_rows(model: str, workdir: Path, names: list[str], repeats: int, flops: int) -> list[dict]:
+def isolated(fn, *args):
+    """``fn(*args)`` in a fresh process: no thread pool left by an earlier backend (ONNX Runtime's spinning
+    threads, OpenMP's, inductor's workers) competes with the one measured."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def _speed_one(source: str, backend: str, precision: str, label: str, repeats: int, flops: int, threads: int,
+               model: str) -> list[dict]:
+    torch.set_num_threads(threads)
     den = load_denoiser(model)
-    rows = []
     calib = trajectory_inputs(den, 16, labels=den.num_classes > 0, guided=False, seed=5_000_000)
-    paths = [("torch eager", "fp32", lambda: load_backend(model, "eager")),
-             ("torch eager", "bf16", lambda: load_backend(model, "eager", precision="bf16")),
-             ("torch.compile (freezing)", "fp32", lambda: load_backend(model, "compile")),
-             ("torch.compile (freezing)", "bf16", lambda: load_backend(model, "compile", precision="bf16"))]
-    paths += [("onnxruntime", n.removeprefix("int8-").replace("-trajectory", " int8") if n.startswith("int8") else n,
-               lambda n=n: load_backend(workdir / n)) for n in names
-              if n in ("fp32", "fp16", "int8-cpu-trajectory", "int8-tensorrt-trajectory")]
-    for backend_name, precision, make in paths:
-        backend = make()
-        for b in BATCHES:
-            feed = calib.spread(b)
-            x, t = torch.from_numpy(feed["x_t"]), torch.from_numpy(feed["t"])
-            cond = Cond(torch.from_numpy(feed["labels"])) if "labels" in feed else None
-            start = time.perf_counter()
-            backend(x, t, cond)  # first call: compiles where the backend compiles
-            first = time.perf_counter() - start
-            r = timed(lambda x=x, t=t, cond=cond, f=backend: f(x, t, cond), repeats)
-            gflops = flops * b / r["median_ms"] / 1e6
-            rows.append({"section": "speed", "config": f"{backend_name} {precision}", "backend": backend_name,
-                         "precision": precision, "batch": b, **r, "first_call_s": round(first, 2),
-                         "gflops": gflops})
-            print(f"speed {backend_name} {precision} b{b}: {r['median_ms']:.2f} ms", flush=True)
-        del backend
-        gc.collect()
-        torch._dynamo.reset()
+    f = load_backend(source, backend, precision=precision)
+    rows = []
+    for b in BATCHES:
+        feed = calib.spread(b)
+        x, t = torch.from_numpy(feed["x_t"]), torch.from_numpy(feed["t"])
+        cond = Cond(torch.from_numpy(feed["labels"])) if "labels" in feed else None
+        start = time.perf_counter()
+        f(x, t, cond)  # first call: compiles where the backend compiles
+        first = time.perf_counter() - start
+        r = timed(lambda x=x, t=t, cond=cond: f(x, t, cond), repeats)
+        rows.append({"section": "speed", "config": label, "backend": label.rsplit(" ", 1)[0] if "onnxruntime" not in
+                     label else "onnxruntime", "precision": precision, "batch": b, **r,
+                     "first_call_s": round(first, 2), "gflops": flops * b / r["median_ms"] / 1e6})
+    return rows
+
+
+def speed_rows(model: str, workdir: Path, repeats: int, flops: int) -> list[dict]:
+    """Per network evaluation, each path in its own process (see :func:`isolated`)."""
+    threads = torch.get_num_threads()
+    paths = [(model, "eager", "fp32", "torch eager fp32"), (model, "eager", "bf16", "torch eager bf16"),
+             (model, "compile", "fp32", "torch.compile (freezing) fp32"),
+             (model, "compile", "bf16", "torch.compile (freezing) bf16"),
+             (str(workdir / "fp32"), None, "fp32", "onnxruntime fp32"),
+             (str(workdir / "fp16"), None, "fp32", "onnxruntime fp16"),
+             (str(workdir / "int8-cpu-trajectory"), None, "fp32", "onnxruntime cpu int8"),
+             (str(workdir / "int8-tensorrt-trajectory"), None, "fp32", "onnxruntime tensorrt int8")]
+    rows = []
+    for source, backend, precision, label in paths:
+        got = isolated(_speed_one, source, backend, precision, label, repeats, flops, threads, model)
+        for r in got:
+            if label.startswith("onnxruntime"):
+                r["precision"] = label.split(" ", 1)[1]
+            print(f"speed {label} b{r['batch']}: {r['median_ms']:.2f} ms", flush=True)
+        rows += got
     return rows
 
 
@@ -221,31 +252,45 @@ def op_profile(path: Path, feed: dict[str, np.ndarray], runs: int = 10) -> dict[
     return {k: round(v, 2) for k, v in top.items()}
 
 
-def sample_rows(model: str, workdir: Path, repeats: int) -> list[dict]:
-    """A whole few-step sample: the fused graph (one call) against the Python loop over the per-step graph."""
+def _sample_one(source: str, backend: str | None, precision: str, fused: bool, repeats: int, threads: int,
+                timing: dict) -> list[dict]:
     from distill.samplers import generate
 
+    torch.set_num_threads(threads)
+    f = load_backend(source, backend, precision=precision)
     rows = []
-    configs = [("onnxruntime fp32 fused graph (one call)", load_backend(workdir / "fused-fp32"), True),
-               ("onnxruntime fp32 python loop over the per-step graph", load_backend(workdir / "fp32"), False),
-               ("onnxruntime cpu int8 fused graph (one call)", load_backend(workdir / "fused-int8-cpu"), True),
-               ("onnxruntime cpu int8 python loop over the per-step graph",
-                load_backend(workdir / "int8-cpu-trajectory"), False),
-               ("torch.compile (freezing) bf16 python loop", load_backend(model, "compile", precision="bf16"), False)]
-    m = configs[0][1].manifest
-    for name, backend, fused in configs:
-        for b in BATCHES:
-            seeds, cond = list(range(b)), Cond(torch.arange(b) % 10)
-            if fused:
-                r = timed(lambda s=seeds, c=cond, f=backend: f.sample(s, c), repeats)
-            else:
-                r = timed(lambda s=seeds, c=cond, f=backend: generate(
-                    f, f.image_shape, s, sampler=m["sampler"], steps=m["steps"], timesteps=m["timesteps"], cond=c),
-                    repeats)
-            rows.append({"section": "sample", "config": name, "batch": b, "steps": m["steps"], **r,
-                         "images_per_s": b / r["median_ms"] * 1000})
-            print(f"sample {name} b{b}: {r['median_ms']:.1f} ms", flush=True)
-    torch._dynamo.reset()
+    for b in BATCHES:
+        seeds, cond = list(range(b)), Cond(torch.arange(b) % 10)
+        if fused:
+            r = timed(lambda s=seeds, c=cond: f.sample(s, c), repeats)
+        else:
+            r = timed(lambda s=seeds, c=cond: generate(f, f.image_shape, s, cond=c, **timing), repeats)
+        rows.append({"section": "sample", "batch": b, "steps": timing["steps"], **r,
+                     "images_per_s": b / r["median_ms"] * 1000})
+    return rows
+
+
+def sample_rows(model: str, workdir: Path, repeats: int) -> list[dict]:
+    """A whole few-step sample: the fused graph (one call) against the Python loop over the per-step graph, each
+    in its own process."""
+    m = read_manifest(workdir / "fused-fp32")
+    timing = {"sampler": m["sampler"], "steps": m["steps"], "timesteps": m["timesteps"]}
+    configs = [("onnxruntime fp32 fused graph (one call)", workdir / "fused-fp32", None, "fp32", True),
+               ("onnxruntime fp32 python loop over the per-step graph", workdir / "fp32", None, "fp32", False),
+               ("onnxruntime cpu int8 fused graph (one call)", workdir / "fused-int8-cpu", None, "fp32", True),
+               ("onnxruntime cpu int8 fused graph, last step float", workdir / "fused-int8-cpu-last-float", None,
+                "fp32", True),
+               ("onnxruntime cpu int8 python loop over the per-step graph", workdir / "int8-cpu-trajectory", None,
+                "fp32", False),
+               ("torch.compile (freezing) bf16 python loop", model, "compile", "bf16", False),
+               ("torch eager fp32 python loop", model, "eager", "fp32", False)]
+    rows = []
+    for name, source, backend, precision, fused in configs:
+        for r in isolated(_sample_one, str(source), backend, precision, fused, repeats, torch.get_num_threads(),
+                          timing):
+            r["config"] = name
+            rows.append(r)
+            print(f"sample {name} b{r['batch']}: {r['median_ms']:.1f} ms", flush=True)
     return rows
 
 
@@ -269,10 +314,11 @@ def goals(rows: pd.DataFrame) -> list[dict]:
         out.append({"goal": "CPU INT8 graph >= 1.5x the FP32 graph at batch 64",
                     "value": f"{fp32 / int8:.2f}x ({int8:.1f} vs {fp32:.1f} ms)", "met": bool(fp32 / int8 >= 1.5)})
     q = rows[rows.section == "quality"].set_index("config")
-    if "int8-cpu-trajectory" in q.index:
-        ratio = float(q.loc["int8-cpu-trajectory", "fd_ratio"])
-        out.append({"goal": "INT8 (cpu, trajectory calibration) FD <= 1.05x FP32 FD", "value": f"{ratio:.3f}x",
-                    "met": ratio <= INT8_FD_BOUND})
+    for name in ("int8-cpu-trajectory", "fused-int8-cpu", "fused-int8-cpu-last-float"):
+        if name in q.index:
+            ratio = float(q.loc[name, "fd_ratio"])
+            out.append({"goal": f"INT8 FD <= 1.05x FP32 FD ({name})", "value": f"{ratio:.3f}x",
+                        "met": ratio <= INT8_FD_BOUND})
     if {"int8-cpu-trajectory", "int8-cpu-random"} <= set(q.index):
         traj, rand = float(q.loc["int8-cpu-trajectory", "fd"]), float(q.loc["int8-cpu-random", "fd"])
         out.append({"goal": "trajectory calibration better than random-input calibration (FD)",
@@ -301,7 +347,7 @@ def markdown(df: pd.DataFrame, meta: dict, goal_rows: list[dict]) -> str:
              "## Parity (relative error against torch fp32, or the Python loop for the fused graph)", "",
              table(df[df.section == "parity"], ["config", "batch", "against", "rel_err", "bound", "pass"]), "",
              f"## Quality ({meta['samples']} samples, domain FD against real half A; INT8 on ONNX Runtime CPU)", "",
-             table(df[df.section == "quality"], ["config", "fd", "fd_ratio", "acc", "sample_seconds"]), "",
+             table(df[df.section == "quality"], ["config", "how", "fd", "fd_ratio", "acc", "sample_seconds"]), "",
              "## Speed per network evaluation (ms)", "",
              table(df[df.section == "speed"], ["config", "batch", "median_ms", "p10_ms", "p90_ms", "gflops",
                                                "first_call_s"]), "",
@@ -343,11 +389,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     flops = network_flops(den)
     peaks = matrix_peaks(10)
     if "speed" not in skip:
-        rows += speed_rows(args.model, args.workdir, names, args.repeats, flops)
+        rows += speed_rows(args.model, args.workdir, args.repeats, flops)
     if "sample" not in skip:
         rows += sample_rows(args.model, args.workdir, args.repeats)
     feed = trajectory_inputs(den, 16, labels=den.num_classes > 0, guided=False, seed=5_000_000).spread(64)
-    profiles = {n: op_profile(Path(manifests[n]["path"]), feed) for n in ("fp32", "int8-cpu-trajectory")}
+    profiles = {n: isolated(op_profile, Path(manifests[n]["path"]), feed) for n in ("fp32", "int8-cpu-trajectory")}
     df = pd.DataFrame(rows)
     goal_rows = goals(df)
     meta = {"model": args.model, "samples": args.samples, "repeats": args.repeats, "threads": args.threads,

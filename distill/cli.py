@@ -499,9 +499,11 @@ def export_():
 @click.option("--exclude", default=None, metavar="LIST", show_default="time_mlp.,guidance_mlp.,.emb.,conv_in.,"
               "conv_out.,.skip.", help="Layers kept in float: substrings (or globs) of weight or node names; "
                                       "'none' quantizes every Conv/Gemm/MatMul.")
+@click.option("--float-steps", default=None, metavar="LIST",
+              help="--fused INT8: unrolled steps (1 = first) kept entirely in float, e.g. 4 for the last of four.")
 @click.option("--threads", type=click.IntRange(1), default=None, callback=_threads, metavar="N")
 def export_onnx_(model, out, precision, fused, guided, sampler, steps, int8_target, calibration, calib_method,
-                 calib_samples, percentile, step_percentile, exclude, threads):
+                 calib_samples, percentile, step_percentile, exclude, float_steps, threads):
     """Export MODEL's denoiser, (x_t, t[, labels][, w]) -> x0, or with --fused its whole sampler, as ONNX with a
     dynamic batch axis, checked against torch at batch 1, 7 and 64 before anything is written.
 
@@ -520,7 +522,7 @@ def export_onnx_(model, out, precision, fused, guided, sampler, steps, int8_targ
         patterns = tuple(p.strip() for p in exclude.split(",") if p.strip())
     ctx = click.get_current_context()
     int8_given = [n for n in ("int8_target", "calibration", "calib_method", "calib_samples", "percentile",
-                              "step_percentile", "exclude") if _explicit(ctx, n)]
+                              "step_percentile", "exclude", "float_steps") if _explicit(ctx, n)]
     if int8_given and precision != "int8":
         flag = "--" + int8_given[0].replace("_", "-")
         raise UsageError(f"{flag} applies to --precision int8; add --precision int8 or drop {flag}")
@@ -533,7 +535,9 @@ def export_onnx_(model, out, precision, fused, guided, sampler, steps, int8_targ
     opts = ExportOptions(precision=precision, fused=fused, guided=guided, sampler=sampler, steps=steps,
                          int8=Int8Options(target=int8_target, calibration=calibration, method=calib_method,
                                           samples=calib_samples, percentile=percentile,
-                                          step_percentile=step_percentile, exclude=patterns))
+                                          step_percentile=step_percentile, exclude=patterns,
+                                          float_steps=tuple(parse_int_list(float_steps, "--float-steps", lo=1))
+                                          if float_steps else ()))
     manifest = export_onnx(model, out, opts, command=" ".join(["distill", *sys.argv[1:]]), log=click.echo)
     p = manifest["parity"]
     click.echo(f"wrote {out} ({manifest['precision']} {manifest['kind']} graph); max relative error against "

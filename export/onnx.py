@@ -60,6 +60,8 @@ class ExportOptions:
             raise UsageError(f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.precision == "int8":
             self.int8.validate()
+            if self.int8.float_steps and not self.fused:
+                raise UsageError("--float-steps keeps unrolled steps of a fused graph in float; add --fused")
             if self.fused and (self.int8.calibration != "trajectory" or self.int8.method == "step-percentile"):
                 raise UsageError("--fused with --precision int8 calibrates on the graph's own noise inputs, and each "
                                  "unrolled step gets its own ranges; drop --calibration random / --calib-method "

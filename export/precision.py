@@ -84,6 +84,7 @@ class Int8Options:
     percentile: float = 99.999  # for method 'percentile' (of |activation| values)
     step_percentile: float = 50.0  # for 'step-percentile': of the per-step amax values
     exclude: tuple[str, ...] = field(default_factory=lambda: DEFAULT_EXCLUDE)
+    float_steps: tuple[int, ...] = ()  # fused graphs: unrolled steps (1 = first) kept entirely in float
 
     def validate(self) -> None:
         from distill.errors import UsageError
@@ -98,9 +99,11 @@ class Int8Options:
             raise UsageError(f"--calib-samples {self.samples}: give at least 1 trajectory")
         if not (0 < self.percentile <= 100 and 0 <= self.step_percentile <= 100):
             raise UsageError("--percentile / --step-percentile: must lie in (0, 100]")
+        if any(k < 1 for k in self.float_steps):
+            raise UsageError(f"--float-steps {list(self.float_steps)}: steps count from 1")
 
     def record(self) -> dict:
-        return {**asdict(self), "exclude": list(self.exclude)}
+        return {**asdict(self), "exclude": list(self.exclude), "float_steps": list(self.float_steps)}
 
 
 def excluded_nodes(model, patterns: Sequence[str]) -> list[str]:
@@ -117,6 +120,24 @@ def excluded_nodes(model, patterns: Sequence[str]) -> list[str]:
         weights = [i for i in node.input if i in inits]
         if hit(node.name) or any(hit(w) for w in weights):
             out.append(node.name)
+    return out
+
+
+def unrolled_step_of_nodes(model) -> dict[str, int]:
+    """For a fused sampler graph: the unrolled step (1 = first) each quantizable node belongs to. The k-th node
+    using a weight is in step k; a node without weights (attention's MatMul) is in the step of the last weighted
+    node before it (ONNX nodes are topologically sorted)."""
+    inits = {i.name for i in model.graph.initializer}
+    uses: dict[str, int] = {}
+    current, out = 1, {}
+    for node in model.graph.node:
+        if node.op_type not in QUANTIZED_OPS:
+            continue
+        weights = [i for i in node.input if i in inits]
+        if weights:
+            uses[weights[0]] = uses.get(weights[0], 0) + 1
+            current = uses[weights[0]]
+        out[node.name] = current
     return out
 
 
@@ -175,7 +196,18 @@ def to_int8(model_path: Path, out_path: Path, calib: CalibrationSet, opts: Int8O
 
     model = onnx.load(str(model_path))
     exclude = excluded_nodes(model, opts.exclude)
-    extra = {"QuantizeBias": False, "DedicatedQDQPair": False,
+    if opts.float_steps:
+        step_of = unrolled_step_of_nodes(model)
+        if max(opts.float_steps) > max(step_of.values(), default=0):
+            from distill.errors import UsageError
+
+            raise UsageError(f"--float-steps {list(opts.float_steps)}: the graph unrolls {max(step_of.values())} "
+                             "steps")
+        exclude = sorted(set(exclude) | {n for n, k in step_of.items() if k in opts.float_steps})
+    # A fused graph uses each weight once per unrolled step: dedicated Q/DQ pairs, or ONNX Runtime cannot fuse a
+    # shared weight DequantizeLinear into each QLinearConv (measured: the fused INT8 graph ran slower than FP32).
+    fused = bool(calib.info.get("fused"))
+    extra = {"QuantizeBias": False, "DedicatedQDQPair": fused,
              "QDQOpTypePerChannelSupportToAxis": {"Conv": 0, "ConvTranspose": 1},
              "WeightSymmetric": True, "CalibPercentile": opts.percentile}
     if opts.target == "tensorrt":

@@ -144,6 +144,35 @@ def test_int8_quantizes_with_trajectory_calibration_and_keeps_the_excluded_layer
     assert qdq_violations(onnx.load(str(tmp_path / "tensorrt/model.onnx"))) == []
 
 
+def test_a_fused_int8_graph_gets_ranges_per_unrolled_step(tmp_path, teacher_file):
+    import onnx
+    from onnx import numpy_helper
+
+    from export.onnx import ExportOptions, export_onnx
+    from export.precision import Int8Options, unrolled_step_of_nodes
+
+    opts = ExportOptions(fused=True, steps=3, precision="int8", int8=Int8Options(samples=8, float_steps=(3,)),
+                         check_batches=(1, 7))
+    m = export_onnx(str(teacher_file), tmp_path / "f", opts, log=lambda *a: None)
+    assert m["kind"] == "sampler" and m["int8"]["calibration_set"]["fused"] and m["int8"]["calibration_inputs"] == 8
+    assert m["parity"]["max_rel_err"] < 0.2  # judged by quality, like every INT8 graph
+    # --float-steps 3: every quantizable node of the third unrolled step stays float
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["manifest.json", "model.onnx"]
+    plain = export_onnx(str(teacher_file), tmp_path / "p", ExportOptions(fused=True, steps=3, check_batches=(1,)),
+                        log=lambda *a: None)
+    assert plain["noise_slots"] == 0
+    step_of = unrolled_step_of_nodes(onnx.load(str(tmp_path / "p/model.onnx")))
+    per_step = np.bincount(list(step_of.values()))[1:]
+    assert len(per_step) == 3 and len(set(per_step.tolist())) == 1  # the same network, three times
+    assert {n for n, k in step_of.items() if k == 3} <= set(m["int8"]["excluded_nodes"])
+    model = onnx.load(str(tmp_path / "f/model.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    # the same weight is used by both unrolled steps, but its input activation is quantized with two scales
+    scales = [float(inits[n.input[1]]) for n in model.graph.node
+              if n.op_type == "QuantizeLinear" and n.input[1] in inits and inits[n.input[1]].size == 1]
+    assert len(scales) >= 2 and len(set(scales)) > len(scales) // 2
+
+
 def test_step_percentile_calibration_uses_per_step_ranges(tmp_path, teacher_file):
     from export.calibration import trajectory_inputs
     from export.precision import step_ranges
@@ -219,6 +248,7 @@ def test_backend_mistakes_are_one_line(tmp_path, teacher_file, distill_main, arg
     (["--calib-method", "entropy"], "applies to --precision int8"),
     (["--steps", "3"], "add --fused"),
     (["--precision", "int8", "--fused", "--steps", "2", "--calibration", "random"], "own noise inputs"),
+    (["--precision", "int8", "--float-steps", "2"], "add --fused"),
 ])
 def test_export_mistakes_are_one_line_and_write_nothing(tmp_path, teacher_file, distill_main, args, needle):
     r = distill_main("export", "onnx", teacher_file, "--out", tmp_path / "e", *args)
