@@ -251,7 +251,7 @@ def test_two_processes_draw_different_noise(tmp_path):
                           "--main_process_port", str(port),
                           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "tests" / "dp_probe.py"),
                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.returncode == 0, (res.stdout[-1000:], res.stderr[-3000:])
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     for key in ("t", "eps", "drop", "global", "batch"):
         assert r0[key] != r1[key], key
