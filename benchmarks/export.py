@@ -52,6 +52,8 @@ EXPORTS = {
         target="cpu", calibration="trajectory", method="step-percentile")),
     "int8-tensorrt-trajectory": ExportOptions(precision="int8", int8=Int8Options(target="tensorrt")),
     "fused-int8-cpu": ExportOptions(fused=True, precision="int8", int8=Int8Options(target="cpu")),
+    "fused-int8-cpu-minmax": ExportOptions(fused=True, precision="int8", int8=Int8Options(target="cpu",
+                                                                                          method="minmax")),
     "fused-int8-cpu-last-float": ExportOptions(fused=True, precision="int8", int8=Int8Options(
         target="cpu", float_steps=(4,))),
 }
@@ -112,7 +114,8 @@ def quality_rows(model: str, workdir: Path, names: list[str], samples: int, batc
         how = "torch fp32" if name == "torch-fp32" else (
             f"{i8.get('quantizer', '')}; high precision {i8.get('high_precision_dtype', 'fp32')}"
             if name.startswith("modelopt") else
-            f"{i8.get('target')} target, {i8.get('calibration')} calibration ({i8.get('method')}), "
+            f"{i8.get('target')} target, {i8.get('calibration')} calibration ({i8.get('method_used')}, "
+            f"{i8.get('samples')} trajectories), "
             f"{'per-step ranges (fused)' if i8.get('calibration_set', {}).get('fused') else 'one range per tensor'}"
             + (f", steps {i8.get('float_steps')} in float" if i8.get("float_steps") else ""))
         rows.append({"section": "quality", "config": name, "how": how, "n_fake": samples, "fd": r["fd"],
@@ -314,7 +317,7 @@ def goals(rows: pd.DataFrame) -> list[dict]:
         out.append({"goal": "CPU INT8 graph >= 1.5x the FP32 graph at batch 64",
                     "value": f"{fp32 / int8:.2f}x ({int8:.1f} vs {fp32:.1f} ms)", "met": bool(fp32 / int8 >= 1.5)})
     q = rows[rows.section == "quality"].set_index("config")
-    for name in ("int8-cpu-trajectory", "fused-int8-cpu", "fused-int8-cpu-last-float"):
+    for name in ("int8-cpu-trajectory", "fused-int8-cpu", "fused-int8-cpu-minmax", "fused-int8-cpu-last-float"):
         if name in q.index:
             ratio = float(q.loc[name, "fd_ratio"])
             out.append({"goal": f"INT8 FD <= 1.05x FP32 FD ({name})", "value": f"{ratio:.3f}x",

@@ -487,10 +487,13 @@ def export_():
 @click.option("--calibration", type=click.Choice(["trajectory", "random"]), default="trajectory",
               help="trajectory: inputs captured along the model's own sampling (every step, classes, w); random: "
                    "standard normal x_t and uniform t (the naive baseline).")
-@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile", "step-percentile"]),
-              default="minmax", help="How activation ranges are set; step-percentile: per-step amax, then a "
-                                     "percentile over steps (Model Optimizer's diffusion calibrator).")
-@click.option("--calib-samples", type=click.IntRange(1, 100000), default=64, metavar="N",
+@click.option("--calib-method", type=click.Choice(["auto", "minmax", "moving-average", "entropy", "percentile",
+                                                   "step-percentile"]),
+              default="auto", help="How activation ranges are set. auto: moving-average (ranges averaged over "
+                                   "calibration batches) for --fused, minmax otherwise, each measured best; "
+                                   "step-percentile: per-step amax, then a percentile over steps (Model Optimizer's "
+                                   "diffusion calibrator).")
+@click.option("--calib-samples", type=click.IntRange(1, 100000), default=256, metavar="N",
               help="Calibration trajectories (random calibration: as many inputs as they would give).")
 @click.option("--percentile", type=Finite(0, 100, min_open=True), default=99.999, help="For --calib-method "
               "percentile: the percentile of |activation|.")

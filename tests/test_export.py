@@ -132,6 +132,7 @@ def test_int8_quantizes_with_trajectory_calibration_and_keeps_the_excluded_layer
         made[target] = export_onnx(str(teacher_file), tmp_path / target, opts, log=lambda *a: None)
     m = made["cpu"]["int8"]
     assert m["calibration_set"]["source"] == "trajectory" and m["calibration_inputs"] == 4 * 20  # 4 x 20 steps
+    assert m["method"] == "auto" and m["method_used"] == "minmax"  # the per-step graph's measured best
     assert m["QuantizeLinear_nodes"] > 0 and made["cpu"]["parity"]["max_rel_err"] < 0.2
     model = onnx.load(str(tmp_path / "cpu/model.onnx"))
     by_name = {n.name: n for n in model.graph.node}
@@ -155,6 +156,7 @@ def test_a_fused_int8_graph_gets_ranges_per_unrolled_step(tmp_path, teacher_file
                          check_batches=(1, 7))
     m = export_onnx(str(teacher_file), tmp_path / "f", opts, log=lambda *a: None)
     assert m["kind"] == "sampler" and m["int8"]["calibration_set"]["fused"] and m["int8"]["calibration_inputs"] == 8
+    assert m["int8"]["method_used"] == "moving-average"  # the fused graph's measured best
     assert m["parity"]["max_rel_err"] < 0.2  # judged by quality, like every INT8 graph
     # --float-steps 3: every quantizable node of the third unrolled step stays float
     assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["manifest.json", "model.onnx"]
