@@ -115,7 +115,7 @@ def quality_rows(model: str, workdir: Path, names: list[str], samples: int, batc
             f"{i8.get('quantizer', '')}; high precision {i8.get('high_precision_dtype', 'fp32')}"
             if name.startswith("modelopt") else
             f"{i8.get('target')} target, {i8.get('calibration')} calibration ({i8.get('method_used')}, "
-            f"{i8.get('samples')} trajectories), "
+            f"{i8.get('calibration_set', {}).get('trajectories', i8.get('samples'))} trajectories), "
             f"{'per-step ranges (fused)' if i8.get('calibration_set', {}).get('fused') else 'one range per tensor'}"
             + (f", steps {i8.get('float_steps')} in float" if i8.get("float_steps") else ""))
         rows.append({"section": "quality", "config": name, "how": how, "n_fake": samples, "fd": r["fd"],

@@ -493,8 +493,9 @@ def export_():
                                    "calibration batches) for --fused, minmax otherwise, each measured best; "
                                    "step-percentile: per-step amax, then a percentile over steps (Model Optimizer's "
                                    "diffusion calibrator).")
-@click.option("--calib-samples", type=click.IntRange(1, 100000), default=256, metavar="N",
-              help="Calibration trajectories (random calibration: as many inputs as they would give).")
+@click.option("--calib-samples", type=click.IntRange(1, 100000), default=None, metavar="N",
+              help="Calibration trajectories (random calibration: as many inputs as they would give) [default: 256 "
+                   "for --fused, 64 otherwise].")
 @click.option("--percentile", type=Finite(0, 100, min_open=True), default=99.999, help="For --calib-method "
               "percentile: the percentile of |activation|.")
 @click.option("--step-percentile", type=Finite(0, 100), default=50.0,

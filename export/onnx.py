@@ -224,10 +224,11 @@ def export_onnx(model: str, out: Path, opts: ExportOptions, *, command: str = ""
             manifest["fp16"] = info
         elif opts.precision == "int8":
             i8 = opts.int8
-            log(f"calibrating on {i8.calibration} inputs ({i8.samples} trajectories' worth, {i8.method}) and "
+            n = i8.trajectories(opts.fused)
+            log(f"calibrating on {i8.calibration} inputs ({n} trajectories' worth, {i8.method}) and "
                 f"quantizing for {i8.target} ...")
-            calib = fused_inputs(module, i8.samples) if opts.fused else \
-                calibration_set(den, i8.calibration, i8.samples, labels=labels, guided=guided)
+            calib = fused_inputs(module, n) if opts.fused else \
+                calibration_set(den, i8.calibration, n, labels=labels, guided=guided)
             start = time.perf_counter()
             manifest["int8"] = to_int8(fp32, final, calib, i8, stage)
             manifest["int8"]["seconds"] = round(time.perf_counter() - start, 1)
