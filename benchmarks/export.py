@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from benchmarks.bench.speed import isolated, machine_info, time_calls
 from benchmarks.evaluate import evaluate, write_json
 from benchmarks.metrics import Quality
 from distill.checkpoint import atomic_write, load_denoiser
@@ -61,16 +61,6 @@ EXPORTS = {
 MODELOPT = ("modelopt-int8", "modelopt-int8-fp32")
 BATCHES = (1, 64)
 INT8_FD_BOUND = 1.05  # the INT8 student's FD at most 5 % above its FP32 FD
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_exports(model: str, workdir: Path, names: list[str]) -> dict[str, dict]:
@@ -130,16 +120,7 @@ def quality_rows(model: str, workdir: Path, names: list[str], samples: int, batc
 
 
 def timed(fn, repeats: int, warmup: int = 3) -> dict:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    ms = np.array(times) * 1000
-    return {"median_ms": float(np.median(ms)), "p10_ms": float(np.percentile(ms, 10)),
-            "p90_ms": float(np.percentile(ms, 90))}
+    return time_calls(fn, repeats=repeats, warmup=warmup)
 
 
 def network_flops(den) -> int:
@@ -178,15 +159,6 @@ def matrix_peaks(repeats: int) -> dict:
     t = timed(lambda: session.run(None, feed), repeats)["median_ms"]
     out["ort_int8_gops"] = 2 * n**3 / t / 1e6
     return out
-
-
-def isolated(fn, *args):
-    """``fn(*args)`` in a fresh process: no thread pool left by an earlier backend (ONNX Runtime's spinning
-    threads, OpenMP's, inductor's workers) competes with the one measured."""
-    import multiprocessing
-
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, args)
 
 
 def _speed_one(source: str, backend: str, precision: str, label: str, repeats: int, flops: int, threads: int,
@@ -429,7 +401,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     goal_rows = goals(df)
     meta = {"model": args.model, "samples": args.samples, "repeats": args.repeats, "threads": args.threads,
             "flops_per_image": flops, "peaks": peaks, "op_profile_b64_ms": profiles,
-            "machine": {"cpu": cpu_name(), "torch": torch.__version__,
+            "machine": {"cpu": machine_info()["cpu"], "torch": torch.__version__,
                         **manifests["fp32"]["versions"]},
             "command": "python -m benchmarks.export" + (f" --samples {args.samples}" if args.samples != 2500 else ""),
             "exports": {n: {k: m.get(k) for k in ("precision", "target", "kind", "int8", "fp16")}

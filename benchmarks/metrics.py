@@ -11,7 +11,8 @@ Two feature extractors, never mixed in one number:
 
 torchmetrics does the statistics: its ``FrechetInceptionDistance``, ``KernelInceptionDistance`` and
 ``InceptionScore`` receive our features through :class:`Precomputed` (an identity "network" that reports
-``num_features``), so one extraction pass feeds all three metrics.
+``num_features``), so one extraction pass feeds all three metrics. They never sync across processes
+(``sync_on_compute=False``): under a sharded ``distill bench quality`` the main process holds every feature.
 
 Reference features of real data are cached under ``$DISTILL_CACHE`` (default ``~/.cache/distill``), keyed by the
 extractor, the dataset and a hash of the images. Real data splits into two fixed halves, ``A`` and ``B`` (a seeded
@@ -269,7 +270,7 @@ def frechet_distance(real: Tensor, fake: Tensor) -> float:
     """FID's formula on any features (torchmetrics ``FrechetInceptionDistance``, float64)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    metric = FrechetInceptionDistance(feature=Precomputed(real.shape[1]))
+    metric = FrechetInceptionDistance(feature=Precomputed(real.shape[1]), sync_on_compute=False)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
     return float(metric.compute())
@@ -281,7 +282,8 @@ def kernel_distance(real: Tensor, fake: Tensor, subsets: int = 100, subset_size:
     from torchmetrics.image.kid import KernelInceptionDistance
 
     size = min(subset_size, len(real), len(fake))
-    metric = KernelInceptionDistance(feature=Precomputed(real.shape[1]), subsets=subsets, subset_size=size)
+    metric = KernelInceptionDistance(feature=Precomputed(real.shape[1]), subsets=subsets, subset_size=size,
+                                     sync_on_compute=False)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
     with torch.random.fork_rng():
@@ -294,7 +296,7 @@ def inception_score(logits: Tensor, splits: int = IS_SPLITS, seed: int = 0) -> t
     """IS (torchmetrics ``InceptionScore``) on the given classifier logits: mean and std over splits, seeded."""
     from torchmetrics.image.inception import InceptionScore
 
-    metric = InceptionScore(feature=Precomputed(logits.shape[1]), splits=splits)
+    metric = InceptionScore(feature=Precomputed(logits.shape[1]), splits=splits, sync_on_compute=False)
     metric.update(logits.double())
     with torch.random.fork_rng():
         torch.manual_seed(seed)

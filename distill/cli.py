@@ -17,7 +17,7 @@ import click
 
 from distill import __version__
 from distill.config import config_option
-from distill.errors import DistillError, UsageError
+from distill.errors import DistillError, GateFailure, UsageError
 from distill.parsing import parse_int_list, parse_names, parse_seeds
 
 # -- one-line usage errors and strict types -------------------------------------------------------------------
@@ -601,6 +601,245 @@ def inspect_(path, as_json):
 
     d = describe(path)
     click.echo(json.dumps(d, indent=2, default=str) if as_json else format_description(d))
+
+
+@cli.group("bench")
+def bench():
+    """Speed against quality over a grid of models x steps x backends x precisions x batch sizes.
+
+    \b
+    Example (the shipped grid of the MNIST teacher and students):
+      distill bench speed --grid mnist-cpu --out runs/bench
+      distill bench quality --grid mnist-cpu --out runs/bench
+      distill bench report runs/bench
+      distill bench pick runs/bench --max-ratio 1.5 --batch 64
+    """
+
+
+# the grid dimensions of benchmarks.bench.grid, spelled out so that --help does not import torch
+BENCH_BACKEND_NAMES = ("eager", "compile", "onnxruntime", "onnxruntime-fused")
+BENCH_PRECISION_NAMES = ("fp32", "bf16", "fp16", "int8")
+
+
+def grid_options(command):
+    """The grid of ``bench speed`` and ``bench quality``: a YAML file, or lists on the command line."""
+    for option in reversed([
+        click.option("--grid", "grid_file", default=None, metavar="FILE",
+                     help="Grid YAML (models with their samplers/steps, backends, precisions, batches) or the name "
+                          "of a shipped one under benchmarks/grids/ (mnist-cpu). Replaces the list options."),
+        click.option("--models", default=None, metavar="M[,M...]",
+                     help="Models: shipped names, model files or run folders."),
+        click.option("--samplers", default=None, metavar="S[,S...]",
+                     help="Samplers [default: each model card's]."),
+        click.option("--steps", "steps_", default=None, metavar="N[,N...]",
+                     help="Step counts [default: each model card's]."),
+        click.option("--guidance", default=None, metavar="W[,W...]",
+                     help="Guidance weights [default: each model card's]."),
+        click.option("--backends", default="eager", show_default=True, metavar="B[,B...]",
+                     help=f"Of {', '.join(BENCH_BACKEND_NAMES)} (onnxruntime-fused: the whole k-step sampler as "
+                          "one graph, k <= 8)."),
+        click.option("--precisions", default="fp32", show_default=True, metavar="P[,P...]",
+                     help=f"Of {', '.join(BENCH_PRECISION_NAMES)}; combinations a backend cannot run are left out "
+                          "and listed."),
+        click.option("--batches", default="1,64", show_default=True, metavar="N[,N...]", help="Batch sizes."),
+        click.option("--out", type=NonEmptyPath(file_okay=False, path_type=Path), default=Path("runs/bench"),
+                     help="Benchmark folder: results (speed.jsonl, quality.jsonl), cached samples and exports. A "
+                          "re-run skips what is already there."),
+        click.option("--exports", type=NonEmptyPath(file_okay=False, path_type=Path), default=None,
+                     help="Folder of the ONNX exports the onnxruntime configurations run (made once, keyed by the "
+                          "model's content hash) [default: OUT/exports]."),
+        click.option("--device", default="cpu", help="cpu or cuda[:N]."),
+        click.option("--force", is_flag=True, help="Measure again what the folder already holds."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _grid(grid_file, models, samplers, steps, guidance, backends, precisions, batches):
+    from benchmarks.bench.grid import cli_grid, load_grid
+
+    if grid_file:
+        given = [n for n, v in (("--models", models), ("--samplers", samplers), ("--steps", steps),
+                                ("--guidance", guidance)) if v]
+        if given:
+            raise UsageError(f"--grid {grid_file} with {', '.join(given)}: the grid file names the models; drop one")
+        return load_grid(grid_file)
+    if not models:
+        raise UsageError("no grid: pass --grid FILE (e.g. --grid mnist-cpu) or --models M[,M...]")
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    sampler_list = list(parse_names(samplers, "--samplers", SAMPLER_NAMES)) if samplers else None
+    step_list = parse_int_list(steps, "--steps", lo=1, hi=10000) if steps else None
+    try:
+        w_list = [float(w) for w in guidance.split(",") if w.strip()] if guidance else None
+    except ValueError:
+        raise UsageError(f"--guidance {guidance!r}: expected numbers like 0,1.5") from None
+    return cli_grid(names, sampler_list, step_list, w_list,
+                    list(parse_names(backends, "--backends", BENCH_BACKEND_NAMES)),
+                    list(parse_names(precisions, "--precisions", BENCH_PRECISION_NAMES)),
+                    parse_int_list(batches, "--batches", lo=1, hi=65536))
+
+
+def _log_skipped(grid) -> None:
+    for point, why in grid.skipped:
+        click.echo(f"left out {point}: {why}", err=True)
+
+
+@bench.command("speed")
+@grid_options
+@click.option("--repeats", type=click.IntRange(3, 100000), default=20,
+              help="Timed calls per measurement (after warm-up).")
+@click.option("--max-seconds", type=Finite(0.1), default=20.0,
+              help="Stop a measurement's repeats after this long (at least 3 calls).")
+@click.option("--threads", type=click.IntRange(1), default=None, callback=_threads,
+              help="CPU threads [default: torch's].")
+def bench_speed(grid_file, models, samplers, steps_, guidance, backends, precisions, batches, out, exports, device,
+                force, repeats, max_seconds, threads):
+    """Latency of every configuration: a whole sample (all steps) and one network evaluation, median / p10 / p90
+    after warm-up, images/s, peak memory, and the machine. Each model x backend x precision runs in its own
+    process; results append to OUT/speed.jsonl and a re-run skips finished configurations.
+
+    \b
+    Example:
+      distill bench speed --models mnist-4step --backends eager,compile,onnxruntime --precisions fp32,bf16,int8
+    """
+    from benchmarks.bench.speed import run_speed
+    from distill.preflight import check_device
+
+    grid = _grid(grid_file, models, samplers, steps_, guidance, backends, precisions, batches)
+    check_device(device)
+    _log_skipped(grid)
+    rows = run_speed(grid, out, device=device, threads=threads, repeats=repeats, max_seconds=max_seconds,
+                     force=force, exports=exports, log=lambda m: click.echo(m, err=True))
+    for r in rows:
+        click.echo(f"{r['config']}: {r['images_per_s']:.4g} images/s, sample {r['sample_ms']:.4g} ms"
+                   + (f", eval {r['eval_ms']:.4g} ms" if r.get("eval_ms") is not None else ""))
+
+
+@bench.command("quality")
+@grid_options
+@click.option("--samples", type=click.IntRange(2, 1_000_000), default=2500,
+              help="Samples per configuration (seeds 0 ... N-1, the same for every configuration).")
+@click.option("--data", "data_spec", default=None,
+              help="Real data to compare against [default: the first model's training data].")
+@click.option("--metrics", "metric_list", default="fd,kid,acc", help="Of fd, kid, is, acc, fid, kid_inception.")
+@click.option("--batch-size", type=click.IntRange(1), default=250, help="Sampling batch size (results do not "
+              "depend on it).")
+def bench_quality(grid_file, models, samplers, steps_, guidance, backends, precisions, batches, out, exports, device,
+                  force, samples, data_spec, metric_list, batch_size):
+    """Quality of every configuration (FD / KID / class accuracy; FID with --metrics), from the same per-sample
+    seeds everywhere. Configurations with the same numerics share one measurement; samples are cached in OUT,
+    so a re-run costs nothing. Shard over processes or GPUs with accelerate:
+    accelerate launch --multi_gpu --num_processes N -m distill.cli bench quality ...
+
+    \b
+    Example:
+      distill bench quality --models mnist-4step --backends onnxruntime --precisions fp32,int8 --samples 1000
+    """
+    from benchmarks.bench.quality import run_quality
+    from benchmarks.evaluate import default_data
+    from benchmarks.metrics import METRICS
+    from distill.parsing import parse_names
+    from distill.preflight import check_device
+
+    grid = _grid(grid_file, models, samplers, steps_, guidance, backends, precisions, batches)
+    check_device(device)
+    metrics = parse_names(metric_list, "--metrics", METRICS)
+    data_spec = data_spec or default_data(grid.configs[0].model)
+    if data_spec is None:
+        raise UsageError(f"{grid.configs[0].model}: cannot tell which real data to compare against; pass --data")
+    _log_skipped(grid)
+    rows = run_quality(grid, out, samples=samples, data_spec=data_spec, metrics=metrics, device=device,
+                       batch_size=batch_size, force=force, exports=exports, log=lambda m: click.echo(m, err=True))
+    for r in rows:
+        click.echo(f"{r['quality_id']}: " + " ".join(f"{m}={r[m]:.4g}" for m in metrics if r.get(m) is not None))
+
+
+@bench.command("report")
+@click.argument("results", type=NonEmptyPath(exists=True, file_okay=False, path_type=Path), default=Path("runs/bench"),
+                required=False)
+@click.option("--dest", type=NonEmptyPath(file_okay=False, path_type=Path), default=None,
+              help="Folder for the report files [default: RESULTS].")
+@click.option("--name", default="report", help="Report file name stem: NAME.csv, .parquet, .md, .json, .png, .html.")
+@click.option("--compare", type=NonEmptyPath(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A second run of the same speed grid: the report states how far the medians moved.")
+@click.option("--batch", type=click.IntRange(1), default=64, help="Batch size of the headline ratio.")
+@click.option("--bound", type=Finite(1.0), default=1.5,
+              help="Headline quality bound: FD <= BOUND x the teacher's best.")
+@click.option("--command", "command_text", default=None, help="The reproduce command written into the report "
+              "[default: this command].")
+def bench_report(results, dest, name, compare, batch, bound, command_text):
+    """Tables (CSV, Parquet, Markdown) and the Pareto plot (PNG, interactive HTML) of a benchmark folder.
+
+    \b
+    Example:
+      distill bench report runs/bench --dest benchmarks/results --name bench_cpu
+    """
+    from benchmarks.bench.report import write_report
+
+    command_text = command_text or "distill " + " ".join(sys.argv[1:])
+    summary = write_report(results, dest or results, name, command=command_text, compare=compare, batch=batch,
+                           bound=bound)
+    head = summary["headline"]
+    for f in summary["files"]:
+        click.echo(f)
+    if "student" in head:
+        s = head["student"]
+        click.echo(f"best student within {bound}x the teacher's best FD at batch {batch}: {s['config']} "
+                   f"{s['images_per_s']:.4g} images/s = {s['speedup']:.1f}x the teacher's best setting in eager fp32")
+
+
+@bench.command("pick")
+@click.argument("results", type=NonEmptyPath(exists=True, path_type=Path), default=Path("runs/bench"), required=False)
+@click.option("--batch", type=click.IntRange(1), default=64, help="Batch size the pick is for.")
+@click.option("--max-fd", type=Finite(0), default=None, help="Largest acceptable FD.")
+@click.option("--max-fid", type=Finite(0), default=None, help="Largest acceptable FID (needs quality with fid).")
+@click.option("--max-ratio", type=Finite(0), default=None, help="Largest acceptable FD / the teacher's best FD.")
+@click.option("--students-only", is_flag=True, help="Pick among students only (not the teacher at fewer steps).")
+@click.option("--json", "as_json", is_flag=True, help="Print the pick as JSON.")
+def bench_pick(results, batch, max_fd, max_fid, max_ratio, students_only, as_json):
+    """The fastest configuration (images/s at --batch) that meets the quality bound, with its numbers and the
+    commands that reproduce it. Exit code 3 when nothing meets it (a CI gate).
+
+    \b
+    Example:
+      distill bench pick runs/bench --max-ratio 1.5 --batch 64
+    """
+    import json
+
+    from benchmarks.bench.report import load_table, pick
+
+    if max_fd is None and max_fid is None and max_ratio is None:
+        raise UsageError("no quality bound: pass --max-fd, --max-fid or --max-ratio")
+    df = load_table(results)
+    if max_fid is not None and ("fid" not in df or df["fid"].isna().all()):
+        raise UsageError(f"--max-fid: {results} has no FID; run distill bench quality --metrics fd,kid,acc,fid, or "
+                         "use --max-fd / --max-ratio")
+    if max_ratio is not None and df["fd_ratio"].isna().all():
+        raise UsageError(f"--max-ratio: {results} has no teacher quality to take the ratio to; add the teacher to "
+                         "the grid, or use --max-fd")
+    if not (df["batch"] == batch).any():
+        have = ", ".join(str(b) for b in sorted(df["batch"].unique()))
+        raise UsageError(f"--batch {batch}: {results} has batch sizes {have}")
+    row = pick(df, batch, max_fd=max_fd, max_fid=max_fid, max_ratio=max_ratio, students_only=students_only)
+    bound = ", ".join(f"{k} <= {v:g}" for k, v in (("FD", max_fd), ("FID", max_fid), ("FD ratio", max_ratio))
+                      if v is not None)
+    if row is None:
+        raise GateFailure(f"nothing in {results} meets {bound} at batch {batch}")
+    keys = ["config", "model", "sampler", "steps", "guidance", "backend", "precision", "batch", "images_per_s",
+            "sample_ms", "eval_ms", "peak_rss_mb", "fd", "fd_ratio", "fid", "kid", "acc", "speed_command",
+            "quality_command"]
+    picked = {k: (None if isinstance(row.get(k), float) and row.get(k) != row.get(k) else row.get(k)) for k in keys}
+    picked = {k: (v.item() if hasattr(v, "item") else v) for k, v in picked.items()}
+    if as_json:
+        click.echo(json.dumps(picked, indent=2))
+        return
+    click.echo(f"pick ({bound}, batch {batch}): {picked['config']}")
+    click.echo(f"  {picked['images_per_s']:.4g} images/s, {picked['sample_ms']:.4g} ms per batch, FD "
+               f"{picked['fd']:.4g}" + (f" ({picked['fd_ratio']:.2f}x the teacher's best)"
+                                        if picked["fd_ratio"] is not None else ""))
+    click.echo(f"  speed:   {picked['speed_command']}")
+    if picked["quality_command"]:
+        click.echo(f"  quality: {picked['quality_command']}")
 
 
 @cli.command("sample")

@@ -1,0 +1,270 @@
+"""``distill bench speed``: latency of every grid configuration, each backend in its own process.
+
+Per configuration (model × sampler/steps × backend × precision × batch): the whole sample (all steps, from noise to
+image) and one network evaluation, each as median, p10 and p90 of timed calls after warm-up (CUDA events on a GPU,
+``time.perf_counter`` on a CPU), images/s from the whole-sample median, and the peak memory (the process's peak RSS;
+on a GPU also the peak allocated GPU memory). Every row carries the machine (:func:`machine_info`).
+
+The configurations of one model × backend × precision run in one fresh spawned process: the backend is loaded (and
+compiled or exported) once, and no idle thread pool of an earlier backend (ONNX Runtime's spinning threads,
+OpenMP's, inductor's workers) competes with the one measured. Results are appended to ``speed.jsonl`` as each
+process finishes; a re-run skips the configurations already there (``--force`` measures them again).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.bench.grid import Config, Grid, model_digest
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile", "fma", "f16c")
+
+
+def machine_info(device: str = "cpu") -> dict[str, Any]:
+    """The machine a result was measured on: CPU model and the flags that pick kernels, threads, GPU and driver,
+    library versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    cpu, flags = platform.processor() or platform.machine(), []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                flags = [f for f in CPU_FLAGS if f in have]
+                break
+    except OSError:
+        pass
+    libs = {}
+    for lib in ("distill", "torch", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy", "tensorrt"):
+        try:
+            libs[lib] = version(lib)
+        except PackageNotFoundError:
+            pass
+    info = {"cpu": cpu, "cpu_flags": flags, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+            "os": platform.platform(), "python": platform.python_version(), "libraries": libs, "device": device}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.device(device))
+        info.update({"gpu": props.name, "compute_capability": f"{props.major}.{props.minor}",
+                     "gpu_memory_gib": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda,
+                     "driver": _nvidia_driver()})
+    return info
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def time_calls(fn: Callable[[], Any], *, repeats: int, warmup: int = 2, max_seconds: float | None = None,
+               min_repeats: int = 3, device: str = "cpu") -> dict[str, float]:
+    """Median, p10 and p90 (ms) of timed calls of ``fn`` after ``warmup`` untimed ones. ``max_seconds`` stops
+    early (after at least ``min_repeats``) for slow calls. On a GPU each call is timed by CUDA events."""
+    for _ in range(warmup):
+        fn()
+    cuda = device.startswith("cuda")
+    times: list[float] = []
+    budget_start = time.perf_counter()
+    while len(times) < repeats:
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1000)
+        if max_seconds is not None and len(times) >= min_repeats and time.perf_counter() - budget_start > max_seconds:
+            break
+    ms = np.asarray(times)
+    return {"median_ms": float(np.median(ms)), "p10_ms": float(np.percentile(ms, 10)),
+            "p90_ms": float(np.percentile(ms, 90)), "repeats": len(times)}
+
+
+def harness_overhead_ms(device: str = "cpu") -> float:
+    """What :func:`time_calls` adds to one measured call: the median of timing an empty call."""
+    return time_calls(lambda: None, repeats=2000, warmup=10, device=device)["median_ms"]
+
+
+def peak_memory(device: str) -> dict[str, float]:
+    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # Linux: KiB
+    if device.startswith("cuda") and torch.cuda.is_available():
+        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def export_for(model: str, backend: str, precision: str, sampler: str, steps: int, guidance: float,
+               exports: Path) -> Path | None:
+    """The ONNX export an ONNX Runtime configuration runs (made once, kept under ``exports``, keyed by the
+    model's content hash); ``None`` for torch backends."""
+    from export.artifact import is_artifact
+    from export.onnx import ExportOptions, export_onnx
+
+    if backend not in ("onnxruntime", "onnxruntime-fused"):
+        return None
+    fused = backend == "onnxruntime-fused"
+    name = Path(model).stem if Path(model).suffix else Path(model).name
+    kind = f"fused-{sampler}-{steps}-{precision}" if fused else precision
+    folder = exports / f"{name}-{model_digest(model)}" / kind
+    if not is_artifact(folder):
+        opts = ExportOptions(precision=precision, fused=fused, sampler=sampler if fused else None,
+                             steps=steps if fused else None, guided=True if guidance else None)
+        export_onnx(model, folder, opts, command="distill bench", log=lambda *a: None)
+    return folder
+
+
+def open_backend(config: Config, exports: Path, device: str, threads: int | None = None):
+    """The backend a configuration runs, loaded (an ONNX Runtime configuration's export made first if needed)."""
+    from export.backends import load_backend
+
+    folder = export_for(config.model, config.backend, config.precision, config.sampler, config.steps,
+                        config.guidance, exports)
+    if folder is None:
+        return load_backend(config.model, config.backend, precision=config.precision, device=device)
+    return load_backend(folder, "onnxruntime", device=device, threads=threads)
+
+
+def measure_group(configs: list[Config], exports: str, device: str, threads: int, repeats: int,
+                  max_seconds: float) -> list[dict]:
+    """Measure the configurations of one model × backend × precision (run in a fresh process). Fused
+    configurations (one graph per sampler and step count) each load their own graph."""
+    from distill.denoiser import Cond
+    from distill.samplers import nfe
+
+    torch.set_num_threads(threads)
+    rows = []
+    loaded: dict[tuple, Any] = {}
+    evals: dict[int, dict] = {}  # one network evaluation per batch size: the same for every sampler and step count
+    for c in configs:
+        key = (c.sampler, c.steps, c.guidance) if c.backend == "onnxruntime-fused" else ()
+        if key not in loaded:
+            loaded.clear()
+            start = time.perf_counter()
+            loaded[key] = (open_backend(c, Path(exports), device, threads), time.perf_counter() - start)
+        f, load_s = loaded[key]
+        fused = getattr(f, "kind", "denoiser") == "sampler"
+        seeds = list(range(c.batch))
+        labels = torch.arange(c.batch, device=device) % f.num_classes if f.num_classes else None
+        cond = Cond(labels, c.guidance)
+        method = (f.metadata.get("card") or {}).get("method")
+        row = {**c.as_row(), "quality_id": c.quality_id, "kind": "student" if method else "teacher",
+               "method": method, "nfe": nfe(c.sampler, c.steps, f.schedule), "load_s": round(load_s, 2),
+               "command": c.command("speed")}
+        if not fused and c.batch not in evals:
+            evals[c.batch] = _time_eval(f, c.batch, cond, repeats, max_seconds, device)
+        row.update(evals.get(c.batch, {}) if not fused else {})
+        sample = _sample_call(f, c, seeds, cond, device)
+        s = time_calls(sample, repeats=repeats, warmup=1, max_seconds=max_seconds, device=device)
+        row.update({"sample_ms": s["median_ms"], "sample_p10_ms": s["p10_ms"], "sample_p90_ms": s["p90_ms"],
+                    "repeats": s["repeats"], "images_per_s": c.batch / s["median_ms"] * 1000,
+                    **peak_memory(device)})
+        rows.append(row)
+    return rows
+
+
+def _time_eval(f, batch: int, cond, repeats: int, max_seconds: float, device: str) -> dict:
+    """One network evaluation at ``batch``, after a first (compiling) call."""
+    x = torch.randn((batch, *f.image_shape), generator=torch.Generator().manual_seed(0)).to(device)
+    t = torch.full((batch,), 0.5, device=device)
+    start = time.perf_counter()
+    f(x, t, cond)  # the first call at this batch size: compiles where the backend compiles
+    first = time.perf_counter() - start
+    e = time_calls(lambda: f(x, t, cond), repeats=repeats, max_seconds=max_seconds, device=device)
+    return {"eval_ms": e["median_ms"], "eval_p10_ms": e["p10_ms"], "eval_p90_ms": e["p90_ms"],
+            "first_call_s": round(first, 2)}
+
+
+def _sample_call(f, c: Config, seeds: list[int], cond, device: str) -> Callable[[], Any]:
+    """A whole sample of ``c``: the sampler loop over the denoiser, or the fused graph's one call."""
+    if getattr(f, "kind", "denoiser") == "sampler":
+        return lambda: f.sample(seeds, cond)
+    from distill.checkpoint import card_sampling
+    from distill.samplers import generate
+
+    _, _, spacing, timesteps = card_sampling(f.metadata, c.sampler, c.steps)
+    return lambda: generate(f, f.image_shape, seeds, sampler=c.sampler, steps=c.steps, spacing=spacing, cond=cond,
+                            device=device, timesteps=timesteps)
+
+
+def isolated(fn, *args):
+    """``fn(*args)`` in a fresh spawned process (see the module's note)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut off by a kill: measured again
+                continue
+    return rows
+
+
+def append_jsonl(path: Path, rows: list[dict]) -> None:
+    """Append rows, each line written whole and flushed, so a kill loses at most the group in flight."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_speed(grid: Grid, out: Path, *, device: str = "cpu", threads: int | None = None, repeats: int = 20,
+              max_seconds: float = 20.0, force: bool = False, exports: Path | None = None,
+              log: Callable[[str], None] = print) -> list[dict]:
+    """Measure every configuration of ``grid`` not yet in ``out/speed.jsonl``; returns all rows for the grid."""
+    threads = threads or torch.get_num_threads()
+    path = out / "speed.jsonl"
+    exports = exports or out / "exports"
+    done = {r["config"]: r for r in read_jsonl(path)} if not force else {}
+    machine = machine_info(device)
+    overhead = harness_overhead_ms(device)
+    groups = grid.groups()
+    todo = {g: [c for c in cs if c.id not in done] for g, cs in groups.items()}
+    todo = {g: cs for g, cs in todo.items() if cs}
+    total = sum(len(cs) for cs in todo.values())
+    log(f"speed: {len(grid.configs)} configurations, {len(grid.configs) - total} already measured, {total} to go "
+        f"in {len(todo)} processes")
+    finished = 0
+    for (model, backend, precision), cs in todo.items():
+        start = time.perf_counter()
+        rows = isolated(measure_group, cs, str(exports), device, threads, repeats, max_seconds)
+        for r in rows:
+            r.update({"machine": machine, "harness_overhead_ms": overhead,
+                      "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")})
+            done[r["config"]] = r
+        append_jsonl(path, rows)
+        finished += len(rows)
+        best = max(rows, key=lambda r: r["images_per_s"])
+        log(f"[{finished}/{total}] {model} {backend} {precision}: {len(rows)} configurations in "
+            f"{time.perf_counter() - start:.0f} s (best {best['images_per_s']:.1f} images/s at batch {best['batch']})")
+    return [done[c.id] for c in grid.configs if c.id in done]
