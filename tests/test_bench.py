@@ -93,6 +93,17 @@ def test_time_calls_reports_order_statistics_and_stops_slow_calls_early():
     assert bs.harness_overhead_ms() < 0.01  # timing an empty call: microseconds, not milliseconds
 
 
+def test_peak_memory_counts_from_the_reset():
+    bs.reset_peak_memory("cpu")
+    base = bs.peak_memory("cpu")["peak_rss_mb"]
+    block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+    grown = bs.peak_memory("cpu")["peak_rss_mb"]
+    del block
+    assert grown - base > 50
+    bs.reset_peak_memory("cpu")
+    assert bs.peak_memory("cpu")["peak_rss_mb"] < grown - 50  # the window starts again
+
+
 def test_machine_info_names_the_cpu_threads_and_libraries():
     m = bs.machine_info()
     assert m["cpu"] and m["threads"] >= 1 and "torch" in m["libraries"] and "onnxruntime" in m["libraries"]
@@ -103,7 +114,7 @@ def test_speed_measures_each_configuration_once_and_a_rerun_resumes(teacher_file
     calls = []
 
     def in_process(fn, *args):
-        calls.append(args[0])
+        calls.append(fn.__name__)
         return fn(*args)
 
     monkeypatch.setattr(bs, "isolated", in_process)
@@ -122,11 +133,12 @@ def test_speed_measures_each_configuration_once_and_a_rerun_resumes(teacher_file
     two = [r for r in rows if r["backend"] == "eager" and r["steps"] == 2][0]
     one = [r for r in rows if r["backend"] == "eager" and r["steps"] == 1][0]
     assert two["eval_ms"] == one["eval_ms"]  # one evaluation measured once per batch size
-    assert len(calls) == 2
+    # per model x backend x precision: the exports in one process, then the measurement in a fresh one
+    assert calls == ["make_exports", "measure_group"] * 2
     # the exports are kept, keyed by the model's content hash; a re-run measures nothing
     assert len(list((tmp_path / "exports").glob("*/fused-ddim-*-fp32/manifest.json"))) == 2
     again = bs.run_speed(grid, tmp_path, repeats=3, max_seconds=0.2, log=lambda m: None)
-    assert len(calls) == 2 and [r["sample_ms"] for r in again] == [r["sample_ms"] for r in rows]
+    assert len(calls) == 4 and [r["sample_ms"] for r in again] == [r["sample_ms"] for r in rows]
     # a line cut off by a kill is skipped and measured again
     with open(tmp_path / "speed.jsonl", "a") as f:
         f.write('{"config": "cut')

@@ -3,7 +3,8 @@
 Per configuration (model × sampler/steps × backend × precision × batch): the whole sample (all steps, from noise to
 image) and one network evaluation, each as median, p10 and p90 of timed calls after warm-up (CUDA events on a GPU,
 ``time.perf_counter`` on a CPU), images/s from the whole-sample median, and the peak memory (the process's peak RSS;
-on a GPU also the peak allocated GPU memory). Every row carries the machine (:func:`machine_info`).
+on a GPU also the peak allocated GPU memory), counted from loading the backend (exports are made beforehand in a
+process of their own). Every row carries the machine (:func:`machine_info`).
 
 The configurations of one model × backend × precision run in one fresh spawned process: the backend is loaded (and
 compiled or exported) once, and no idle thread pool of an earlier backend (ONNX Runtime's spinning threads,
@@ -13,6 +14,7 @@ process finishes; a re-run skips the configurations already there (``--force`` m
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -105,8 +107,26 @@ def harness_overhead_ms(device: str = "cpu") -> float:
     return time_calls(lambda: None, repeats=2000, warmup=10, device=device)["median_ms"]
 
 
+def reset_peak_memory(device: str) -> None:
+    """Start the peak-memory window: Linux resets the process's RSS high-water mark (``VmHWM``) when 5 is written
+    to ``/proc/self/clear_refs``; on a GPU, torch's peak counter."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # elsewhere the peak counts from the process's start
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
 def peak_memory(device: str) -> dict[str, float]:
-    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # Linux: KiB
+    """Peak RSS since :func:`reset_peak_memory` (MiB; the lifetime peak where the kernel cannot reset it), and on a
+    GPU the peak allocated GPU memory."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+    except (OSError, StopIteration, ValueError):
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
+    out = {"peak_rss_mb": round(kib / 1024, 1)}
     if device.startswith("cuda") and torch.cuda.is_available():
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
@@ -130,6 +150,12 @@ def export_for(model: str, backend: str, precision: str, sampler: str, steps: in
                              steps=steps if fused else None, guided=True if guidance else None)
         export_onnx(model, folder, opts, command="distill bench", log=lambda *a: None)
     return folder
+
+
+def make_exports(configs: list[Config], exports: str) -> None:
+    """The ONNX exports ``configs`` run, made where missing."""
+    for c in configs:
+        export_for(c.model, c.backend, c.precision, c.sampler, c.steps, c.guidance, Path(exports))
 
 
 def open_backend(config: Config, exports: Path, device: str, threads: int | None = None):
@@ -158,6 +184,8 @@ def measure_group(configs: list[Config], exports: str, device: str, threads: int
         key = (c.sampler, c.steps, c.guidance) if c.backend == "onnxruntime-fused" else ()
         if key not in loaded:
             loaded.clear()
+            gc.collect()
+            reset_peak_memory(device)  # the peak counts loading and running this backend
             start = time.perf_counter()
             loaded[key] = (open_backend(c, Path(exports), device, threads), time.perf_counter() - start)
         f, load_s = loaded[key]
@@ -257,6 +285,7 @@ def run_speed(grid: Grid, out: Path, *, device: str = "cpu", threads: int | None
     finished = 0
     for (model, backend, precision), cs in todo.items():
         start = time.perf_counter()
+        isolated(make_exports, cs, str(exports))  # apart, so that exporting weighs on no measured process
         rows = isolated(measure_group, cs, str(exports), device, threads, repeats, max_seconds)
         for r in rows:
             r.update({"machine": machine, "harness_overhead_ms": overhead,
