@@ -4,7 +4,7 @@
     python -m benchmarks.bench_mnist --device cuda    # GPU: writes benchmarks/results/bench_gpu.*
 
 1. ``distill bench speed --grid mnist-cpu`` into ``<work>-1`` (``--work``, default ``runs/bench-<device>``): the
-   first run, which also makes the ONNX exports (into ``<work>/exports``);
+   first run, which also makes the ONNX exports (into ``<work>/exports``) where the quality step has not;
 2. ``distill bench quality`` of the same grid into ``<work>`` (2,500 samples per configuration);
 3. the same speed benchmark again into ``<work>``: the run the report shows;
 4. ``distill bench report`` of ``<work>``, ``--compare <work>-1`` for the run-to-run spread, into
@@ -38,13 +38,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--samples", type=int, default=2500)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--max-seconds", type=float, default=5.0)
+    ap.add_argument("--rounds", type=int, default=3, help="passes over the grid, their timed calls pooled")
     ap.add_argument("--no-second-run", action="store_true", help="measure speed once (no run-to-run spread)")
     a = ap.parse_args(argv)
     kind = "gpu" if a.device.startswith("cuda") else "cpu"
     work = a.work or Path(f"runs/bench-{kind}")
     distill = [sys.executable, "-m", "distill.cli", "bench"]
     common = ["--grid", a.grid, "--device", a.device, "--exports", str(work / "exports")]
-    speed = ["--repeats", str(a.repeats), "--max-seconds", str(a.max_seconds)]
+    speed = ["--repeats", str(a.repeats), "--max-seconds", str(a.max_seconds), "--rounds", str(a.rounds)]
     command = "python -m benchmarks.bench_mnist" + (f" --device {a.device}" if kind == "gpu" else "")
     report = distill + ["report", str(work), "--dest", str(RESULTS), "--name", f"bench_{kind}", "--command", command]
     if not a.no_second_run:

@@ -687,16 +687,20 @@ def _log_skipped(grid) -> None:
 @bench.command("speed")
 @grid_options
 @click.option("--repeats", type=click.IntRange(3, 100000), default=20,
-              help="Timed calls per measurement (after warm-up).")
+              help="Timed calls per measurement (after warm-up), shared among the passes.")
 @click.option("--max-seconds", type=Finite(0.1), default=20.0,
-              help="Stop a measurement's repeats after this long (at least 3 calls).")
+              help="Stop a measurement's repeats after this long (at least 3 calls), shared among the passes.")
+@click.option("--rounds", type=click.IntRange(1, 100), default=3,
+              help="Passes over the grid, minutes apart; a configuration's statistics pool the calls of all "
+                   "passes, so a burst of load on a shared machine moves them little.")
 @click.option("--threads", type=click.IntRange(1), default=None, callback=_threads,
               help="CPU threads [default: torch's].")
 def bench_speed(grid_file, models, samplers, steps_, guidance, backends, precisions, batches, out, exports, device,
-                force, repeats, max_seconds, threads):
+                force, repeats, max_seconds, rounds, threads):
     """Latency of every configuration: a whole sample (all steps) and one network evaluation, median / p10 / p90
     after warm-up, images/s, peak memory, and the machine. Each model x backend x precision runs in its own
-    process; results append to OUT/speed.jsonl and a re-run skips finished configurations.
+    process, in --rounds passes over the grid whose timed calls are pooled; results append to OUT/speed.jsonl
+    (passes to OUT/speed_rounds.jsonl) and a re-run skips what is finished.
 
     \b
     Example:
@@ -709,7 +713,7 @@ def bench_speed(grid_file, models, samplers, steps_, guidance, backends, precisi
     check_device(device)
     _log_skipped(grid)
     rows = run_speed(grid, out, device=device, threads=threads, repeats=repeats, max_seconds=max_seconds,
-                     force=force, exports=exports, log=lambda m: click.echo(m, err=True))
+                     rounds=rounds, force=force, exports=exports, log=lambda m: click.echo(m, err=True))
     for r in rows:
         click.echo(f"{r['config']}: {r['images_per_s']:.4g} images/s, sample {r['sample_ms']:.4g} ms"
                    + (f", eval {r['eval_ms']:.4g} ms" if r.get("eval_ms") is not None else ""))

@@ -110,21 +110,23 @@ def test_machine_info_names_the_cpu_threads_and_libraries():
     assert isinstance(m["cpu_flags"], list)
 
 
-def test_speed_measures_each_configuration_once_and_a_rerun_resumes(teacher_file, tmp_path, monkeypatch):
+def test_speed_measures_each_configuration_in_passes_and_a_rerun_resumes(teacher_file, tmp_path, monkeypatch):
     calls = []
 
     def in_process(fn, *args):
-        calls.append(fn.__name__)
+        calls.append(f"{fn.__name__} {args[0][0].backend}")
         return fn(*args)
 
     monkeypatch.setattr(bs, "isolated", in_process)
     grid = _grid(teacher_file, backends=["eager", "onnxruntime-fused"], precisions=["fp32"])
-    rows = bs.run_speed(grid, tmp_path, repeats=3, max_seconds=0.2, log=lambda m: None)
+    rows = bs.run_speed(grid, tmp_path, repeats=4, max_seconds=0.2, rounds=2, log=lambda m: None)
     assert [r["config"] for r in rows] == [c.id for c in grid.configs]
     for r in rows:
         assert r["sample_p10_ms"] <= r["sample_ms"] <= r["sample_p90_ms"] and r["peak_rss_mb"] > 0
         assert r["images_per_s"] == pytest.approx(2 / r["sample_ms"] * 1000)
         assert r["machine"]["cpu"] and r["kind"] == "teacher" and r["command"].startswith("distill bench speed")
+        assert r["rounds"] == 2 and len(r["sample_round_ms"]) == 2 and r["sample_repeats"] >= 2
+        assert "sample_times_ms" not in r
         if r["backend"] == "eager":
             assert r["eval_p10_ms"] <= r["eval_ms"] <= r["eval_p90_ms"]
             assert r["sample_ms"] > r["eval_ms"] * 0.5 * r["steps"]  # a whole sample is its steps' evaluations
@@ -132,17 +134,45 @@ def test_speed_measures_each_configuration_once_and_a_rerun_resumes(teacher_file
             assert "eval_ms" not in r  # a fused graph has no per-step call
     two = [r for r in rows if r["backend"] == "eager" and r["steps"] == 2][0]
     one = [r for r in rows if r["backend"] == "eager" and r["steps"] == 1][0]
-    assert two["eval_ms"] == one["eval_ms"]  # one evaluation measured once per batch size
-    # per model x backend x precision: the exports in one process, then the measurement in a fresh one
-    assert calls == ["make_exports", "measure_group"] * 2
+    assert two["eval_ms"] == one["eval_ms"]  # one evaluation measured once per batch size and pass
+    # per model x backend x precision: the exports once in a process of their own, then one measuring process per
+    # pass, the second pass in reverse group order
+    assert calls == ["measure_group eager", "make_exports onnxruntime-fused", "measure_group onnxruntime-fused",
+                     "measure_group onnxruntime-fused", "measure_group eager"]
+    passes = bs.read_jsonl(tmp_path / "speed_rounds.jsonl")
+    assert sorted((p["config"], p["round"]) for p in passes) == sorted((c.id, k) for c in grid.configs for k in (0, 1))
+    # the pooled statistics are those of the passes' calls together
+    first = [p for p in passes if p["config"] == one["config"]]
+    pooled = bs.summarize([t for p in first for t in p["sample_times_ms"]])
+    assert one["sample_ms"] == pytest.approx(pooled["median_ms"]) and one["sample_repeats"] == pooled["repeats"]
     # the exports are kept, keyed by the model's content hash; a re-run measures nothing
     assert len(list((tmp_path / "exports").glob("*/fused-ddim-*-fp32/manifest.json"))) == 2
-    again = bs.run_speed(grid, tmp_path, repeats=3, max_seconds=0.2, log=lambda m: None)
-    assert len(calls) == 4 and [r["sample_ms"] for r in again] == [r["sample_ms"] for r in rows]
+    again = bs.run_speed(grid, tmp_path, repeats=4, max_seconds=0.2, rounds=2, log=lambda m: None)
+    assert len(calls) == 5 and [r["sample_ms"] for r in again] == [r["sample_ms"] for r in rows]
     # a line cut off by a kill is skipped and measured again
     with open(tmp_path / "speed.jsonl", "a") as f:
         f.write('{"config": "cut')
     assert len(bs.read_jsonl(tmp_path / "speed.jsonl")) == len(rows)
+
+
+def test_speed_resumes_a_killed_run_from_its_finished_passes(teacher_file, tmp_path, monkeypatch):
+    calls = []
+
+    def in_process(fn, *args):
+        calls.append(fn.__name__)
+        return fn(*args)
+
+    monkeypatch.setattr(bs, "isolated", in_process)
+    grid = _grid(teacher_file, backends=["eager"], precisions=["fp32"])
+    first = bs.run_speed(grid, tmp_path, repeats=3, max_seconds=0.1, rounds=1, log=lambda m: None)
+    # killed after the passes were written, before the rows: the rows are made from the passes, nothing measured
+    (tmp_path / "speed.jsonl").unlink()
+    again = bs.run_speed(grid, tmp_path, repeats=3, max_seconds=0.1, rounds=1, log=lambda m: None)
+    assert calls == ["measure_group"] and [r["sample_ms"] for r in again] == [r["sample_ms"] for r in first]
+    # asked for a second pass, only the second pass is measured, and the rows pool both
+    (tmp_path / "speed.jsonl").unlink()
+    both = bs.run_speed(grid, tmp_path, repeats=3, max_seconds=0.1, rounds=2, log=lambda m: None)
+    assert calls == ["measure_group"] * 2 and all(r["rounds"] == 2 for r in both)
 
 
 # -- quality -----------------------------------------------------------------------------------------------------
@@ -233,6 +263,9 @@ def test_stability_compares_the_medians_of_two_runs():
     s = br.stability(df, other)
     assert s["configs"] == len(df) and s["within_10pct"] == pytest.approx(0.5)
     assert s["max_abs_diff"] == pytest.approx(0.2)
+    assert s["passes_median_spread"] is None  # rows without passes
+    df["round_spread"] = np.linspace(0.0, 0.4, len(df))  # build_table's max / min - 1 of the passes' medians
+    assert br.stability(df, other)["passes_median_spread"] == pytest.approx(0.2)
 
 
 def test_cli_speed_quality_report_and_pick_end_to_end(teacher_file, tmp_path, distill_main):

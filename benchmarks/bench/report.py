@@ -23,8 +23,8 @@ from distill.errors import UsageError
 QUALITY_COLUMNS = ["fd", "kid", "acc", "fid", "is"]
 TABLE_COLUMNS = ["config", "kind", "model", "sampler", "steps", "nfe", "guidance", "backend", "precision", "batch",
                  "images_per_s", "sample_ms", "sample_p10_ms", "sample_p90_ms", "eval_ms", "eval_p10_ms",
-                 "eval_p90_ms", "peak_rss_mb", "peak_gpu_mb", *QUALITY_COLUMNS, "fd_ratio", "pareto", "quality_from",
-                 "speed_command", "quality_command"]
+                 "eval_p90_ms", "repeats", "rounds", "round_spread", "peak_rss_mb", "peak_gpu_mb", *QUALITY_COLUMNS,
+                 "fd_ratio", "pareto", "quality_from", "speed_command", "quality_command"]
 
 
 def build_table(out: Path) -> tuple[pd.DataFrame, dict]:
@@ -41,7 +41,9 @@ def build_table(out: Path) -> tuple[pd.DataFrame, dict]:
     rows = []
     for r in latest.values():
         q = q_by_id.get(r["quality_id"], {})
+        passes = r.get("sample_round_ms") or []
         rows.append({**{k: r.get(k) for k in TABLE_COLUMNS if k in r},
+                     "round_spread": max(passes) / min(passes) - 1 if len(passes) > 1 else None,
                      **{k: q.get(k) for k in QUALITY_COLUMNS},
                      "quality_from": q.get("quality_from"), "quality_n": q.get("n_fake"),
                      "speed_command": r.get("command"), "quality_command": q.get("command")})
@@ -126,18 +128,21 @@ def headline(df: pd.DataFrame, batch: int = 64, bound: float = 1.5, goal: float 
 
 def stability(df: pd.DataFrame, other: pd.DataFrame) -> dict:
     """The same speed benchmark run twice: per configuration, the ratio of the two whole-sample (and
-    per-evaluation) medians."""
+    per-evaluation) medians; and within this run, how far apart its passes' medians were (max / min − 1)."""
     joined = df.merge(other[["config", "sample_ms", "eval_ms"]], on="config", suffixes=("", "_2"))
     if joined.empty:
         return {}
     spread = (joined["sample_ms_2"] / joined["sample_ms"] - 1).abs()
     espread = (joined["eval_ms_2"] / joined["eval_ms"] - 1).abs().dropna()
+    passes = pd.to_numeric(df["round_spread"], errors="coerce").dropna()
     worst = joined.loc[spread.idxmax()]
     return {"configs": len(joined), "within_10pct": float((spread <= 0.10).mean()),
             "median_abs_diff": float(spread.median()), "p90_abs_diff": float(spread.quantile(0.9)),
             "max_abs_diff": float(spread.max()), "worst": worst["config"],
             "eval_median_abs_diff": float(espread.median()) if len(espread) else None,
-            "eval_within_10pct": float((espread <= 0.10).mean()) if len(espread) else None}
+            "eval_within_10pct": float((espread <= 0.10).mean()) if len(espread) else None,
+            "passes_median_spread": float(passes.median()) if len(passes) else None,
+            "passes_p90_spread": float(passes.quantile(0.9)) if len(passes) else None}
 
 
 def _fmt(v) -> str:
@@ -165,7 +170,8 @@ def markdown(df: pd.DataFrame, meta: dict, head: dict, stab: dict, command: str,
                                                       if m.get("gpu") else "") + f"; {libs}.", "",
              f"Quality: {', '.join(map(str, meta.get('quality_samples', [])))} samples per configuration (seeds 0 …, "
              "the same noise for every configuration), domain FD against real half A. Speed: median of timed calls "
-             f"after warm-up; the harness adds {meta.get('harness_overhead_ms', 0) * 1000:.2f} µs to a call.", ""]
+             "after warm-up, pooled over passes over the grid; the harness adds "
+             f"{meta.get('harness_overhead_ms', 0) * 1000:.2f} µs to a call.", ""]
     lines += ["## Headline", ""]
     if "baseline" in head:
         b, tb = head["baseline"], head["teacher_best"]
@@ -197,7 +203,11 @@ def markdown(df: pd.DataFrame, meta: dict, head: dict, stab: dict, command: str,
                   f"(`{stab['worst']}`)"
                   + (f"; per-evaluation medians within 10 % for {stab['eval_within_10pct'] * 100:.0f} % "
                      f"(median |difference| {stab['eval_median_abs_diff'] * 100:.1f} %)"
-                     if stab.get("eval_within_10pct") is not None else "") + ".", ""]
+                     if stab.get("eval_within_10pct") is not None else "") + "."
+                  + (f" Within the run, a configuration's passes (minutes apart) had medians apart by "
+                     f"{stab['passes_median_spread'] * 100:.1f} % (median over configurations; p90 "
+                     f"{stab['passes_p90_spread'] * 100:.1f} %): what pooling the passes evens out."
+                     if stab.get("passes_median_spread") is not None else ""), ""]
     cols = ["config", "images_per_s", "sample_ms", "eval_ms", "peak_rss_mb", "fd", "fd_ratio", "kid", "acc"]
     for batch, part in df.groupby("batch"):
         front = part[part["pareto"]].sort_values("images_per_s", ascending=False)

@@ -8,9 +8,16 @@ process of their own). Every row carries the machine (:func:`machine_info`).
 
 The configurations of one model × backend × precision run in one fresh spawned process: the backend is loaded (and
 compiled or exported) once, and no idle thread pool of an earlier backend (ONNX Runtime's spinning threads,
-OpenMP's, inductor's workers) competes with the one measured. Results are appended to ``speed.jsonl`` as each
-process finishes; a re-run skips the configurations already there (``--force`` measures them again).
+OpenMP's, inductor's workers) competes with the one measured.
+
+The grid is measured in ``rounds`` passes (the group order reversed on every other pass), each pass taking its share
+of the timed calls, and a configuration's statistics pool the calls of every pass. A shared or virtual machine is
+slow in bursts that last seconds to minutes; timed back to back, a configuration that falls in one is slow as a
+whole, while spread over passes minutes apart, a burst touches a minority of its calls and moves the median little.
+Each finished pass of a process is appended to ``speed_rounds.jsonl`` and a configuration's row to ``speed.jsonl``
+once all its passes are in; a re-run skips what is there (``--force`` measures everything again).
 """
+
 
 from __future__ import annotations
 
@@ -74,9 +81,9 @@ def _nvidia_driver() -> str | None:
         return None
 
 
-def time_calls(fn: Callable[[], Any], *, repeats: int, warmup: int = 2, max_seconds: float | None = None,
-               min_repeats: int = 3, device: str = "cpu") -> dict[str, float]:
-    """Median, p10 and p90 (ms) of timed calls of ``fn`` after ``warmup`` untimed ones. ``max_seconds`` stops
+def timed_calls(fn: Callable[[], Any], *, repeats: int, warmup: int = 2, max_seconds: float | None = None,
+                min_repeats: int = 3, device: str = "cpu") -> list[float]:
+    """The times (ms) of up to ``repeats`` calls of ``fn`` after ``warmup`` untimed ones. ``max_seconds`` stops
     early (after at least ``min_repeats``) for slow calls. On a GPU each call is timed by CUDA events."""
     for _ in range(warmup):
         fn()
@@ -97,9 +104,21 @@ def time_calls(fn: Callable[[], Any], *, repeats: int, warmup: int = 2, max_seco
             times.append((time.perf_counter() - t0) * 1000)
         if max_seconds is not None and len(times) >= min_repeats and time.perf_counter() - budget_start > max_seconds:
             break
+    return times
+
+
+def summarize(times: list[float]) -> dict[str, float]:
+    """Median, p10 and p90 (ms) of timed calls, and how many."""
     ms = np.asarray(times)
     return {"median_ms": float(np.median(ms)), "p10_ms": float(np.percentile(ms, 10)),
             "p90_ms": float(np.percentile(ms, 90)), "repeats": len(times)}
+
+
+def time_calls(fn: Callable[[], Any], *, repeats: int, warmup: int = 2, max_seconds: float | None = None,
+               min_repeats: int = 3, device: str = "cpu") -> dict[str, float]:
+    """:func:`summarize` of :func:`timed_calls`."""
+    return summarize(timed_calls(fn, repeats=repeats, warmup=warmup, max_seconds=max_seconds,
+                                 min_repeats=min_repeats, device=device))
 
 
 def harness_overhead_ms(device: str = "cpu") -> float:
@@ -132,20 +151,35 @@ def peak_memory(device: str) -> dict[str, float]:
     return out
 
 
+def export_folder(model: str, backend: str, precision: str, sampler: str, steps: int, exports: Path) -> Path | None:
+    """Where the ONNX export of an ONNX Runtime configuration is kept (under ``exports``, keyed by the model's
+    content hash); ``None`` for torch backends."""
+    if backend not in ("onnxruntime", "onnxruntime-fused"):
+        return None
+    name = Path(model).stem if Path(model).suffix else Path(model).name
+    kind = f"fused-{sampler}-{steps}-{precision}" if backend == "onnxruntime-fused" else precision
+    return exports / f"{name}-{model_digest(model)}" / kind
+
+
+def is_exported(c: Config, exports: Path) -> bool:
+    from export.artifact import is_artifact
+
+    folder = export_folder(c.model, c.backend, c.precision, c.sampler, c.steps, exports)
+    return folder is None or is_artifact(folder)
+
+
 def export_for(model: str, backend: str, precision: str, sampler: str, steps: int, guidance: float,
                exports: Path) -> Path | None:
-    """The ONNX export an ONNX Runtime configuration runs (made once, kept under ``exports``, keyed by the
-    model's content hash); ``None`` for torch backends."""
+    """The ONNX export an ONNX Runtime configuration runs (made once, see :func:`export_folder`); ``None`` for
+    torch backends."""
     from export.artifact import is_artifact
     from export.onnx import ExportOptions, export_onnx
 
-    if backend not in ("onnxruntime", "onnxruntime-fused"):
+    folder = export_folder(model, backend, precision, sampler, steps, exports)
+    if folder is None:
         return None
-    fused = backend == "onnxruntime-fused"
-    name = Path(model).stem if Path(model).suffix else Path(model).name
-    kind = f"fused-{sampler}-{steps}-{precision}" if fused else precision
-    folder = exports / f"{name}-{model_digest(model)}" / kind
     if not is_artifact(folder):
+        fused = backend == "onnxruntime-fused"
         opts = ExportOptions(precision=precision, fused=fused, sampler=sampler if fused else None,
                              steps=steps if fused else None, guided=True if guidance else None)
         export_onnx(model, folder, opts, command="distill bench", log=lambda *a: None)
@@ -170,13 +204,16 @@ def open_backend(config: Config, exports: Path, device: str, threads: int | None
 
 
 def measure_group(configs: list[Config], exports: str, device: str, threads: int, repeats: int,
-                  max_seconds: float) -> list[dict]:
-    """Measure the configurations of one model × backend × precision (run in a fresh process). Fused
-    configurations (one graph per sampler and step count) each load their own graph."""
+                  max_seconds: float, min_repeats: int = 3) -> list[dict]:
+    """One pass over the configurations of one model × backend × precision (run in a fresh process): per
+    configuration its static facts and the raw times (ms) of its timed calls, ``sample_times_ms`` and (but for
+    fused graphs, one call per sample) ``eval_times_ms``. Fused configurations (one graph per sampler and step
+    count) each load their own graph."""
     from distill.denoiser import Cond
     from distill.samplers import nfe
 
     torch.set_num_threads(threads)
+    timing = {"repeats": repeats, "max_seconds": max_seconds, "min_repeats": min_repeats, "device": device}
     rows = []
     loaded: dict[tuple, Any] = {}
     evals: dict[int, dict] = {}  # one network evaluation per batch size: the same for every sampler and step count
@@ -198,27 +235,44 @@ def measure_group(configs: list[Config], exports: str, device: str, threads: int
                "method": method, "nfe": nfe(c.sampler, c.steps, f.schedule), "load_s": round(load_s, 2),
                "command": c.command("speed")}
         if not fused and c.batch not in evals:
-            evals[c.batch] = _time_eval(f, c.batch, cond, repeats, max_seconds, device)
+            evals[c.batch] = _time_eval(f, c.batch, cond, timing)
         row.update(evals.get(c.batch, {}) if not fused else {})
-        sample = _sample_call(f, c, seeds, cond, device)
-        s = time_calls(sample, repeats=repeats, warmup=1, max_seconds=max_seconds, device=device)
-        row.update({"sample_ms": s["median_ms"], "sample_p10_ms": s["p10_ms"], "sample_p90_ms": s["p90_ms"],
-                    "repeats": s["repeats"], "images_per_s": c.batch / s["median_ms"] * 1000,
-                    **peak_memory(device)})
+        row["sample_times_ms"] = timed_calls(_sample_call(f, c, seeds, cond, device), warmup=1, **timing)
+        row.update(peak_memory(device))
         rows.append(row)
     return rows
 
 
-def _time_eval(f, batch: int, cond, repeats: int, max_seconds: float, device: str) -> dict:
+def _time_eval(f, batch: int, cond, timing: dict) -> dict:
     """One network evaluation at ``batch``, after a first (compiling) call."""
+    device = timing["device"]
     x = torch.randn((batch, *f.image_shape), generator=torch.Generator().manual_seed(0)).to(device)
     t = torch.full((batch,), 0.5, device=device)
     start = time.perf_counter()
     f(x, t, cond)  # the first call at this batch size: compiles where the backend compiles
     first = time.perf_counter() - start
-    e = time_calls(lambda: f(x, t, cond), repeats=repeats, max_seconds=max_seconds, device=device)
-    return {"eval_ms": e["median_ms"], "eval_p10_ms": e["p10_ms"], "eval_p90_ms": e["p90_ms"],
-            "first_call_s": round(first, 2)}
+    return {"eval_times_ms": timed_calls(lambda: f(x, t, cond), **timing), "first_call_s": round(first, 2)}
+
+
+def pooled_row(passes: list[dict]) -> dict:
+    """A configuration's row from its passes: median, p10 and p90 over the timed calls of all passes, each
+    pass's median (``*_round_ms``), images/s from the pooled whole-sample median, the highest peak memory."""
+    row = {k: v for k, v in passes[0].items() if not k.endswith("_times_ms") and k not in ("round", "first_call_s")}
+    for what in ("sample", "eval"):
+        if f"{what}_times_ms" not in passes[0]:
+            continue
+        s = summarize([t for p in passes for t in p[f"{what}_times_ms"]])
+        row.update({f"{what}_ms": s["median_ms"], f"{what}_p10_ms": s["p10_ms"], f"{what}_p90_ms": s["p90_ms"],
+                    f"{what}_repeats": s["repeats"],
+                    f"{what}_round_ms": [float(np.median(p[f"{what}_times_ms"])) for p in passes]})
+    row["repeats"] = row["sample_repeats"]
+    row["rounds"] = len(passes)
+    row["images_per_s"] = row["batch"] / row["sample_ms"] * 1000
+    row["first_call_s"] = passes[0].get("first_call_s")
+    for k in ("peak_rss_mb", "peak_gpu_mb", "load_s"):
+        if k in passes[0]:
+            row[k] = max(p[k] for p in passes)
+    return row
 
 
 def _sample_call(f, c: Config, seeds: list[int], cond, device: str) -> Callable[[], Any]:
@@ -267,33 +321,58 @@ def append_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def run_speed(grid: Grid, out: Path, *, device: str = "cpu", threads: int | None = None, repeats: int = 20,
-              max_seconds: float = 20.0, force: bool = False, exports: Path | None = None,
+              max_seconds: float = 20.0, rounds: int = 3, force: bool = False, exports: Path | None = None,
               log: Callable[[str], None] = print) -> list[dict]:
-    """Measure every configuration of ``grid`` not yet in ``out/speed.jsonl``; returns all rows for the grid."""
+    """Measure every configuration of ``grid`` not yet in ``out/speed.jsonl`` in ``rounds`` passes over the grid
+    (see the module's note), ``repeats`` timed calls and ``max_seconds`` per measurement shared among the passes;
+    returns all rows for the grid."""
     threads = threads or torch.get_num_threads()
-    path = out / "speed.jsonl"
+    path, passes_path = out / "speed.jsonl", out / "speed_rounds.jsonl"
     exports = exports or out / "exports"
     done = {r["config"]: r for r in read_jsonl(path)} if not force else {}
+    passes: dict[str, dict[int, dict]] = {}
+    for r in read_jsonl(passes_path) if not force else []:
+        passes.setdefault(r["config"], {})[r["round"]] = r
     machine = machine_info(device)
     overhead = harness_overhead_ms(device)
-    groups = grid.groups()
-    todo = {g: [c for c in cs if c.id not in done] for g, cs in groups.items()}
+    per_pass = {"repeats": -(-repeats // rounds), "max_seconds": max_seconds / rounds,
+                "min_repeats": -(-3 // rounds)}  # at least 3 calls in all
+    todo = {g: [c for c in cs if c.id not in done] for g, cs in grid.groups().items()}
     todo = {g: cs for g, cs in todo.items() if cs}
     total = sum(len(cs) for cs in todo.values())
     log(f"speed: {len(grid.configs)} configurations, {len(grid.configs) - total} already measured, {total} to go "
-        f"in {len(todo)} processes")
-    finished = 0
-    for (model, backend, precision), cs in todo.items():
-        start = time.perf_counter()
-        isolated(make_exports, cs, str(exports))  # apart, so that exporting weighs on no measured process
-        rows = isolated(measure_group, cs, str(exports), device, threads, repeats, max_seconds)
-        for r in rows:
-            r.update({"machine": machine, "harness_overhead_ms": overhead,
-                      "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")})
-            done[r["config"]] = r
+        f"in {len(todo)} processes per pass, {rounds} passes")
+
+    def finish(cs: list[Config]) -> None:  # the configurations with all their passes: pooled, appended
+        rows = []
+        for c in cs:
+            if c.id not in done and len(passes.get(c.id, {})) >= rounds:
+                row = pooled_row([passes[c.id][k] for k in sorted(passes[c.id])])
+                row.update({"machine": machine, "harness_overhead_ms": overhead,
+                            "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")})
+                done[c.id] = row
+                rows.append(row)
         append_jsonl(path, rows)
-        finished += len(rows)
-        best = max(rows, key=lambda r: r["images_per_s"])
-        log(f"[{finished}/{total}] {model} {backend} {precision}: {len(rows)} configurations in "
-            f"{time.perf_counter() - start:.0f} s (best {best['images_per_s']:.1f} images/s at batch {best['batch']})")
+
+    finish(grid.configs)  # passes complete before a kill
+    order = list(todo)
+    for rnd in range(rounds):
+        for g in order if rnd % 2 == 0 else order[::-1]:
+            cs = [c for c in todo[g] if rnd not in passes.get(c.id, {})]
+            if not cs:
+                continue
+            start = time.perf_counter()
+            if not all(is_exported(c, exports) for c in cs):
+                isolated(make_exports, cs, str(exports))  # apart, so that exporting weighs on no measured process
+            rows = isolated(measure_group, cs, str(exports), device, threads, per_pass["repeats"],
+                            per_pass["max_seconds"], per_pass["min_repeats"])
+            for r in rows:
+                r["round"] = rnd
+                passes.setdefault(r["config"], {})[rnd] = r
+            append_jsonl(passes_path, rows)
+            finish(cs)
+            rate = max(r["batch"] / np.median(r["sample_times_ms"]) * 1000 for r in rows)
+            log(f"[pass {rnd + 1}/{rounds}] {' '.join(g)}: {len(rows)} configurations in "
+                f"{time.perf_counter() - start:.0f} s (best {rate:.1f} images/s); "
+                f"{sum(c.id in done for c in grid.configs)}/{len(grid.configs)} configurations done")
     return [done[c.id] for c in grid.configs if c.id in done]
