@@ -983,6 +983,10 @@ def main() -> None:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             cli.main(standalone_mode=False)
+        if "torch" in sys.modules:  # a command that ran under accelerate launch / torchrun: its processes part
+            from distill.training import close_process_group
+
+            close_process_group()
     except click.exceptions.Abort as e:
         # click turns KeyboardInterrupt (and our SIGTERM handler's Terminated) into Abort.
         if isinstance(e.__cause__, KeyboardInterrupt):

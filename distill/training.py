@@ -46,6 +46,16 @@ from distill.rundir import remove_stale_temp_files, run_lock
 MODEL_FILE, STATE_FILE, METRICS_FILE = "model.safetensors", "train_state.safetensors", "metrics.jsonl"
 
 
+def close_process_group() -> None:
+    """Tear down the process group of an ``accelerate launch`` (or ``torchrun``) before the interpreter exits: left
+    to the interpreter's teardown, gloo's threads can abort the process ("terminate called without an active
+    exception", SIGABRT) after all its work is done. Every process first waits for the others, so none tears its
+    connections down while a peer still uses them."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 @dataclass
 class TrainConfig:
     """Optimization settings (stored in every checkpoint)."""

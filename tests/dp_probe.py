@@ -9,7 +9,7 @@ import torch
 
 from distill.losses import DiffusionLoss
 from distill.teacher import build_teacher
-from distill.training import Trainer
+from distill.training import Trainer, close_process_group
 
 
 class RecordingLoss(DiffusionLoss):
@@ -35,3 +35,4 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     model = Denoiser(UNet(run.unet), run.schedule, "v", "t1000", null_label=10)
     Trainer(model, RecordingLoss(0.2), run.data, run.train, out / "run", run.metadata()).run(progress=False)
+    close_process_group()
