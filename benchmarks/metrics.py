@@ -82,6 +82,7 @@ class Extractor:
     features: Callable[[Tensor], dict[str, Tensor]]  # uint8 NCHW batch -> {"features": ..., maybe "logits": ...}
     batch_size: int = 100
     fingerprint: str = ""
+    title: str = ""  # what the log calls it, e.g. "InceptionV3" [name]
 
     def __call__(self, images: Tensor, progress: bool = False) -> dict[str, Tensor]:
         from tqdm.auto import tqdm
@@ -134,7 +135,8 @@ def inception_extractor(backend: str = "onnxruntime", device: str = "cpu", bf16:
         raise UsageError(f"unknown Inception backend '{backend}'; use {', '.join(INCEPTION_BACKENDS)}")
     # Reference features are cached per backend and precision: a bf16 sample set is never scored against fp32 ones.
     return Extractor("inception", info, features, batch_size=50,
-                     fingerprint=f"inception-{inception.SHA1[:12]}-{backend}-{info['precision']}")
+                     fingerprint=f"inception-{inception.SHA1[:12]}-{backend}-{info['precision']}",
+                     title="InceptionV3" + (" (bf16)" if bf16 else ""))
 
 
 def _export_inception(path: Path, channels: int) -> None:
@@ -165,6 +167,8 @@ def _inception_session(channels: int):
             return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime's errors (InvalidProtobuf, Fail, ...) share no useful base class
             _cache_note(path, e)
+    _note(f"exporting the InceptionV3 FID network ({channels}-channel input) to ONNX once (cached in {path}); "
+          "later runs reuse it")
     try:
         _export_inception(path, channels)
     except UsageError as e:  # the cache cannot be written: export to a temporary folder, use it once
@@ -178,7 +182,8 @@ def _inception_session(channels: int):
 
 
 def _note(text: str) -> None:
-    """One ``note:`` line on stderr: the cache misbehaved, the result is unaffected."""
+    """One ``note:`` line on stderr about the cache (an entry built once, or a cache that misbehaved); the result
+    is unaffected."""
     import sys
 
     print(f"note: {text}", file=sys.stderr)
@@ -216,7 +221,7 @@ def domain_extractor(dataset: str, device: str = "cpu") -> Extractor:
 
     digest = hashlib.sha1(b"".join(v.detach().cpu().numpy().tobytes() for v in model.state_dict().values()))
     return Extractor(f"domain:{c.dataset}", info, features, batch_size=500,
-                     fingerprint=f"domain-{c.dataset}-{digest.hexdigest()[:12]}")
+                     fingerprint=f"domain-{c.dataset}-{digest.hexdigest()[:12]}", title=f"{c.dataset}-classifier")
 
 
 # -- real data -------------------------------------------------------------------------------------------------
@@ -255,6 +260,9 @@ def reference_features(data, split: str, extractor: Extractor, progress: bool = 
             return feats
         except Exception as e:  # SafetensorError, KeyError, OSError, ValueError: all mean "rebuild it"
             _cache_note(path, e)
+    of = f"{data.name} half {split}" if split != "all" else f"all of {data.name}"
+    _note(f"building the {extractor.title or extractor.name} reference features of {of} once ({len(images):,} "
+          f"images; cached in {path.parent}); later runs reuse them")
     feats = extractor(images, progress=progress)
     try:
         atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in feats.items()}, tmp))

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
 from torch import Tensor, nn
 
 from distill.errors import UsageError
@@ -78,11 +78,32 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def safetensors_bytes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors serialization with its JSON header in a canonical order: safetensors writes the metadata
+    in hash-map order, different from one process to the next, so the same weights and metadata would give files
+    with different bytes (and sha256). The header's keys are sorted and it is padded with spaces to a multiple of 8
+    bytes, as the format requires; tensor offsets are relative to the data and unchanged."""
+    import struct
+
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + raw[8 + n:]
+
+
 def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, Any]) -> None:
-    """Save tensors with ``metadata`` (JSON-encoded per key) atomically."""
+    """Save tensors with ``metadata`` (JSON-encoded per key) atomically; the same tensors and metadata always give
+    the same bytes."""
     meta = {k: json.dumps(v) for k, v in metadata.items()}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    data = safetensors_bytes(tensors, meta)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def read_metadata(path: Path) -> dict[str, Any]:

@@ -9,13 +9,20 @@ is complete, only repeats a search that has not been done.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from distill.errors import UsageError
+
+LOG = logging.getLogger("distill")  # progress lines: the CLI prints them, a library caller configures logging
+
+if TYPE_CHECKING:
+    import numpy as np
+    from torch import Tensor
 
 SEARCH_SEED = 1_000_000  # validation seeds start here; evaluations use 0, 1, ...
 SEARCH_REF = "B"  # validation reference: the real half that evaluations do not use
@@ -114,32 +121,45 @@ def default_timesteps(schedule, steps: int, sigma_max: float | None = None) -> l
     return [float(t) for t in schedule.t_of_sigma_ve(sigmas)] + [0.0]
 
 
-def search_timesteps(den, data, *, samples: int, max_steps: int, guidance: float = 0.0, bf16: bool = False,
-                     log: Callable[[str], None] = print) -> dict[str, Any] | None:
+class Scorer(Protocol):
+    """What the timestep search ranks candidate times by, built outside the core and passed in (the benchmarks'
+    domain FD: ``benchmarks.scoring.QualityScorer()``). ``scorer(data, ref)`` prepares it against the real split
+    ``ref`` of ``data`` (raising :class:`~distill.errors.UsageError` when it cannot, e.g. no domain classifier for
+    that data: the search is then skipped) and returns ``score(images, labels) -> float``, lower is better, for
+    uint8 NHWC samples and their requested labels (or ``None``). ``metric`` names the score in the card."""
+
+    metric: str
+
+    def __call__(self, data: Any, ref: str) -> Callable[[np.ndarray, Tensor | None], float]: ...
+
+
+def search_timesteps(den, data, *, samples: int, max_steps: int, scorer: Scorer, guidance: float = 0.0,
+                     bf16: bool = False, log: Callable[[str], None] = LOG.info) -> dict[str, Any] | None:
     """Greedy search of the intermediate sampling times (as Song et al. 2023 did for 2 steps): for ``k = 2 ..
     max_steps``, keep the first ``k - 1`` times found so far and try :data:`SEARCH_CANDIDATES` log-spaced noise
-    levels below the last of them, then refine around the best; the criterion is the domain FD of ``samples``
-    validation samples (seeds from :data:`SEARCH_SEED`) against the real half :data:`SEARCH_REF`. Returns
-    ``{"timesteps_by_steps": ..., "fd": ..., ...}``, or ``None`` when the data has no domain classifier."""
+    levels below the last of them, then refine around the best; the criterion is ``scorer`` (e.g. the domain FD)
+    of ``samples`` validation samples (seeds from :data:`SEARCH_SEED`) against the real half :data:`SEARCH_REF`.
+    Returns ``{"timesteps_by_steps": ..., scorer.metric: ..., ...}``, or ``None`` when the scorer cannot score
+    this data (e.g. it has no domain classifier)."""
     import numpy as np
     import torch
 
-    from benchmarks.metrics import Quality
     from distill.methods.consistency import SIGMA_MIN
     from distill.sampling import draw_samples
 
     try:
-        quality = Quality(data, ref=SEARCH_REF, metrics=("fd",), progress=False).prepare()
+        score = scorer(data, SEARCH_REF)
     except UsageError as e:
         log(f"timestep search skipped ({e}); the card keeps the default Karras-spaced times")
         return None
+    metric = scorer.metric
     seeds = list(range(SEARCH_SEED, SEARCH_SEED + samples))
     schedule = den.schedule
 
-    def fd(ts: list[float]) -> float:
+    def measure(ts: list[float]) -> float:
         images, labels = draw_samples(den, sampler="consistency", seeds=seeds, guidance=guidance, timesteps=ts,
                                       bf16=bf16, progress=False)
-        return float(quality(images, labels)["fd"])
+        return float(score(images, labels))
 
     def sigma_of(t: float) -> float:
         return float(torch.exp(-0.5 * schedule.logsnr(torch.tensor(t, dtype=torch.float64))))
@@ -149,14 +169,15 @@ def search_timesteps(den, data, *, samples: int, max_steps: int, guidance: float
 
     one = default_timesteps(schedule, 1)
     found = {"1": one}
-    scores = {"1": fd(one)}
-    log(f"timestep search: 1 step FD {scores['1']:.4f} ({samples} validation samples vs real half {SEARCH_REF})")
+    scores = {"1": measure(one)}
+    log(f"timestep search: 1 step {metric.upper()} {scores['1']:.4f} ({samples} validation samples vs real half "
+        f"{SEARCH_REF})")
     prefix = one[:-1]
     for k in range(2, max_steps + 1):
         hi = sigma_of(prefix[-1])
         lo = max(SIGMA_MIN * 10, hi * 1e-3)
         sigmas = list(np.geomspace(hi, lo, SEARCH_CANDIDATES + 1)[1:])  # strictly below the previous time
-        tried = {s: fd(prefix + [time_of(s), 0.0]) for s in sigmas}
+        tried = {s: measure(prefix + [time_of(s), 0.0]) for s in sigmas}
         best = min(tried, key=tried.get)
         ordered = sorted(tried)
         j = ordered.index(best)
@@ -164,21 +185,23 @@ def search_timesteps(den, data, *, samples: int, max_steps: int, guidance: float
         for other in neighbours:
             mid = math.sqrt(best * other)
             if mid < hi:
-                tried[mid] = fd(prefix + [time_of(mid), 0.0])
+                tried[mid] = measure(prefix + [time_of(mid), 0.0])
         best = min(tried, key=tried.get)
         prefix = prefix + [time_of(best)]
         found[str(k)] = prefix + [0.0]
         scores[str(k)] = tried[best]
-        log(f"timestep search: {k} steps FD {tried[best]:.4f} with the new time at sigma~ {best:.3g} "
+        log(f"timestep search: {k} steps {metric.upper()} {tried[best]:.4f} with the new time at sigma~ {best:.3g} "
             f"({len(tried)} tried)")
-    return {"timesteps_by_steps": found, "fd": scores, "samples": samples, "seeds": f"{seeds[0]}-{seeds[-1]}",
-            "reference": f"real:{SEARCH_REF}", "metric": "fd", "guidance": guidance}
+    return {"timesteps_by_steps": found, metric: scores, "samples": samples, "seeds": f"{seeds[0]}-{seeds[-1]}",
+            "reference": f"real:{SEARCH_REF}", "metric": metric, "guidance": guidance}
 
 
-def distill_consistency(teacher_spec: str, out: Path, opts: ConsistencyOptions, *, data_spec: str | None = None,
-                        command: str = "", progress: bool = True, log: Callable[[str], None] = print) -> Path:
+def distill_consistency(teacher_spec: str, out: Path, opts: ConsistencyOptions, *, scorer: Scorer | None = None,
+                        data_spec: str | None = None, command: str = "", progress: bool = True,
+                        log: Callable[[str], None] = LOG.info) -> Path:
     """Run (or continue) consistency distillation or training from ``teacher_spec`` (a model file, run directory
-    or shipped name) into ``out``; returns the student's model file."""
+    or shipped name) into ``out``; returns the student's model file. ``scorer`` ranks the timestep search's
+    candidates (see :class:`Scorer`); it is needed when ``opts.search_samples > 0``."""
     import torch
 
     from distill.checkpoint import load_denoiser, load_tensors, model_metadata, resolve_model_path, save_tensors
@@ -196,6 +219,9 @@ def distill_consistency(teacher_spec: str, out: Path, opts: ConsistencyOptions, 
     from distill.training import MODEL_FILE, STATE_FILE, TrainConfig, Trainer
 
     opts.validate()
+    if opts.search_samples and scorer is None:
+        raise UsageError(f"search_samples {opts.search_samples}: the timestep search needs a scorer; pass one "
+                         "(scorer=benchmarks.scoring.QualityScorer()), or set search_samples to 0")
     opts = opts.resolved()
     out = Path(out)
     teacher_path = resolve_model_path(teacher_spec)
@@ -263,7 +289,8 @@ def distill_consistency(teacher_spec: str, out: Path, opts: ConsistencyOptions, 
         if opts.search_samples and (saved_card.get("timestep_search") or {}).get("settings") != search_key:
             den = load_denoiser(model_path)
             found = search_timesteps(den, data, samples=opts.search_samples, max_steps=opts.max_steps,
-                                     guidance=float(saved_card.get("guidance", 0.0)), bf16=opts.bf16, log=log)
+                                     scorer=scorer, guidance=float(saved_card.get("guidance", 0.0)), bf16=opts.bf16,
+                                     log=log)
             if found is not None:
                 by_steps = {**saved_card.get("timesteps_by_steps", {}), **found.pop("timesteps_by_steps")}
                 saved_card = {**saved_card, "timesteps_by_steps": by_steps, "timesteps": by_steps[str(steps)],

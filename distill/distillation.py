@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from distill.errors import UsageError
+
+LOG = logging.getLogger("distill")  # progress lines: the CLI prints them, a library caller configures logging
 
 PLAN_FILE, PLAN_FORMAT = "plan.json", "distill.progressive/1"
 GUIDANCE_STAGE = "guidance"
@@ -171,13 +174,22 @@ def student_card(*, stage: Stage, index: int, total: int, parent: str, parent_sh
 
 
 def run_done(stage_dir: Path, train_steps: int) -> bool:
-    """Whether the training run in ``stage_dir`` has a model file and a state at ``train_steps`` or beyond."""
+    """Whether the training run in ``stage_dir`` is finished: a state at ``train_steps`` or beyond and a model file
+    written at that same step. A model of another step (a run killed between writing its two files), or one that
+    does not read, is not done: resuming the run rewrites it from the state."""
     from distill.checkpoint import read_metadata
     from distill.training import MODEL_FILE, STATE_FILE
 
-    state = stage_dir / STATE_FILE
-    return state.exists() and (stage_dir / MODEL_FILE).exists() and int(read_metadata(state).get("step", -1)) >= \
-        train_steps
+    state, model = stage_dir / STATE_FILE, stage_dir / MODEL_FILE
+    if not (state.exists() and model.exists()):
+        return False
+    step = int(read_metadata(state).get("step", -1))
+    if step < train_steps:
+        return False
+    try:
+        return read_metadata(model).get("step") == step
+    except UsageError:  # an unreadable model file: the resume writes it again
+        return False
 
 
 def _check_plan(out: Path, record: dict[str, Any]) -> None:
@@ -256,7 +268,7 @@ def teacher_data(teacher, teacher_spec: str, data_spec: str | None):
 
 def distill_progressive(teacher_spec: str, out: Path, opts: ProgressiveOptions, *, data_spec: str | None = None,
                         command: str = "", progress: bool = True,
-                        log: Callable[[str], None] = print) -> list[Path]:
+                        log: Callable[[str], None] = LOG.info) -> list[Path]:
     """Run (or continue) a progressive distillation of ``teacher_spec`` (a model file, run directory or shipped
     name) into ``out``; returns the model file of every stage, in order."""
     from distill.checkpoint import load_denoiser, model_metadata, resolve_model_path

@@ -15,6 +15,15 @@ class UsageError(DistillError):
     exit_code = 2
 
 
+class ConfigError(UsageError):
+    """A stage config field with a bad value (exit code 2). ``field`` is the config field's name; the CLI shows it
+    as its flag (``--start-steps``), a recipe as its key path (``recipe.yaml: stages[1].start_steps``)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
 class TrainingDiverged(DistillError):
     """A non-finite loss or gradient: the run stops and keeps its last good checkpoint (exit code 1)."""
 

@@ -113,20 +113,18 @@ def draw_samples(den, *, sampler: str | None = None, steps: int | None = None, s
     return to_uint8(torch.cat(chunks)), labels
 
 
-def sample_to_files(checkpoint: Path, out: Path, *, sampler: str | None, steps: int | None, spacing: str | None,
+def sample_to_files(den, out: Path, *, source: str, sampler: str | None, steps: int | None, spacing: str | None,
                     eta: float | None, guidance: float | None, classes: list[int] | None, seeds: list[int],
-                    batch_size: int, device: str = "cpu", bf16: bool = False, backend: str | None = None,
-                    precision: str = "fp32") -> tuple[Path, Path]:
-    """Sample one image per seed and write ``grid.png`` and ``samples.npz`` (images, labels, seeds) to ``out``.
-    ``checkpoint`` is a model or an export folder, run on ``backend`` (see :func:`export.backends.load_backend`)."""
+                    batch_size: int, device: str = "cpu") -> tuple[Path, Path]:
+    """Sample one image per seed from ``den`` and write ``grid.png`` and ``samples.npz`` (images, labels, seeds) to
+    ``out``. ``den`` is a loaded backend (a model or an export folder opened by the caller, e.g. with
+    ``export.backends.load_backend``): a denoiser, or a fused sampler graph (``kind == "sampler"``), with the model's
+    ``metadata`` (its card: the sampler defaults), ``name`` and ``precision``. ``source`` is what it was loaded from,
+    for messages and the recorded info."""
     from distill.preflight import check_device, check_output_dir
-    from export.backends import load_backend
 
     check_device(device)
     check_output_dir(out, "--out")
-    if bf16 and precision == "fp32":
-        precision = "bf16"
-    den = load_backend(checkpoint, backend, precision=precision, device=device)
     guidance = card_guidance(den.metadata, guidance)
     if getattr(den, "kind", "denoiser") == "denoiser":
         sampler, steps, spacing, _ = card_sampling(den.metadata, sampler, steps, spacing)
@@ -134,13 +132,13 @@ def sample_to_files(checkpoint: Path, out: Path, *, sampler: str | None, steps: 
         sampler, steps = den.manifest["sampler"], den.manifest["steps"]
     images, labels = draw_samples(den, sampler=sampler, steps=steps, seeds=seeds, classes=classes,
                                   guidance=guidance, spacing=spacing, eta=eta, batch_size=batch_size,
-                                  device=device, source=str(checkpoint))
+                                  device=device, source=source)
     out = Path(out)
     npz, grid = out / "samples.npz", out / "grid.png"
     arrays = {"images": images, "seeds": np.array(seeds)}
     if labels is not None:
         arrays["labels"] = labels.numpy()
-    info = {"checkpoint": str(checkpoint), "sampler": sampler, "steps": steps, "spacing": spacing, "eta": eta,
+    info = {"checkpoint": source, "sampler": sampler, "steps": steps, "spacing": spacing, "eta": eta,
             "guidance": guidance, "backend": den.name, "precision": den.precision}
     arrays["info"] = np.array(json.dumps(info))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,23 +45,33 @@ def make_schedule(name: str) -> Schedule:
     return DiscreteSchedule(name, 1000, start, end)
 
 
+def _ints(value: Sequence[int] | str | None, option: str) -> tuple[int, ...]:
+    """A list of integers given as a sequence, or as the command line's ``"1,2,2"``."""
+    if value is None:
+        return ()
+    return tuple(parse_int_list(value, option, allow_empty=True) if isinstance(value, str) else map(int, value))
+
+
 def build_teacher(*, data_spec: str, image_size: int | None, unconditional: bool, schedule: str, prediction: str,
-                  channels: int, channel_mult: str | None, num_res_blocks: int, attn_res: str | None,
-                  dropout: float, label_dropout: float, train: dict[str, Any]) -> TeacherRun:
-    """Load the data and resolve the architecture defaults from the image size."""
+                  channels: int, channel_mult: Sequence[int] | str | None, num_res_blocks: int,
+                  attn_res: Sequence[int] | str | None, dropout: float, label_dropout: float,
+                  train: dict[str, Any]) -> TeacherRun:
+    """Load the data and resolve the architecture defaults from the image size (``channel_mult`` and ``attn_res``
+    are lists of integers; ``None`` takes the default, an empty ``attn_res`` means no attention)."""
     data = load_dataset(data_spec, image_size)
     c, h, w = data.shape
     if h != w:
         raise UsageError(f"--data {data_spec}: images are {h}x{w}; the UNet needs square images (pass --image-size)")
-    mult = tuple(parse_int_list(channel_mult or "", "--channel-mult", allow_empty=True))
+    mult = _ints(channel_mult, "--channel-mult")
     mult = mult or ((1, 2) if h <= 16 else (1, 2, 2))
     lowest = h // 2 ** (len(mult) - 1)
     if attn_res is not None:  # an empty --attn means no attention
-        attn = tuple(parse_int_list(attn_res, "--attn", allow_empty=True))
+        attn = _ints(attn_res, "--attn")
         levels = [h // 2**i for i in range(len(mult))]
         missing = [r for r in attn if r not in levels]
         if missing:
-            raise UsageError(f"--attn {attn_res}: no level of this UNet is {missing[0]}x{missing[0]}; its levels are "
+            raise UsageError(f"--attn {','.join(map(str, attn))}: no level of this UNet is {missing[0]}x{missing[0]}; "
+                             "its levels are "
                              f"{', '.join(map(str, levels))}")
     else:
         attn = (lowest,)  # attention only where it is cheap: 16x16 attention tripled the step time at 32 px

@@ -203,7 +203,10 @@ class Trainer:
         return self.ema.module if self.ema is not None else self.accelerator.unwrap_model(self.net)
 
     def save(self) -> None:
-        """Write the training state, then the slim model, each atomically; refuse non-finite weights."""
+        """Write the slim model, then the training state, each atomically; refuse non-finite weights.
+
+        The state is the checkpoint's commit point: a run killed between the two renames leaves the state of the
+        previous checkpoint (its resume rewrites the model), never a state at this step beside an older model."""
         if not self.accelerator.is_main_process:
             return
         net = self.accelerator.unwrap_model(self.net)
@@ -218,8 +221,8 @@ class Trainer:
         if bad:
             raise TrainingDiverged(f"step {self.step}: {bad[0]} holds NaN or Inf; {self._kept()}")
         meta = {**self.metadata, "format": STATE_FORMAT, "step": self.step, "optimizer_param_groups": groups}
-        save_tensors(self.out / STATE_FILE, tensors, meta)
         save_model(self.out / MODEL_FILE, self.inference_net(), {**self.metadata, "step": self.step})
+        save_tensors(self.out / STATE_FILE, tensors, meta)
         self.saved_step = self.step
 
     def _kept(self) -> str:

@@ -105,11 +105,12 @@ def staged_dir(out: Path):
 
 
 def check_export_out(out: Path, option: str = "--out") -> None:
-    """Refuse an output folder holding anything but an earlier export (which the new one replaces whole)."""
+    """Refuse an output folder holding anything but an earlier export (which the new one replaces whole); hidden
+    entries (a lock, a run's bookkeeping) do not count."""
     from distill.preflight import check_output_dir
 
     out = Path(out)
     check_output_dir(out, option)
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+    if out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()) and not (out / MANIFEST).is_file():
         raise UsageError(f"{option} {out}: a non-empty folder that is not an export; choose a new folder (an "
                          "earlier export's folder is replaced whole)")

@@ -9,6 +9,7 @@ from the model's own sampling trajectories at batch 1, 7 and 64 before the folde
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
@@ -34,6 +35,8 @@ from export.artifact import (
 from export.calibration import calibration_set, fused_inputs, trajectory_inputs
 from export.fused import MAX_FUSED_STEPS, FusedSampler
 from export.precision import Int8Options, to_fp16, to_int8
+
+LOG = logging.getLogger("distill")  # progress lines: the CLI prints them, a library caller configures logging
 
 PRECISIONS = ("fp32", "fp16", "int8")
 PARITY_BATCHES = (1, 7, 64)
@@ -179,7 +182,7 @@ def fused_parity(fused: FusedSampler, session, batches: tuple[int, ...], guidanc
     return out
 
 
-def export_onnx(model: str, out: Path, opts: ExportOptions, *, command: str = "", log=print) -> dict:
+def export_onnx(model: str, out: Path, opts: ExportOptions, *, command: str = "", log=LOG.info) -> dict:
     """Export ``model`` (a model file, run directory or shipped name) to the folder ``out``; returns the manifest.
 
     Every check runs before ``out`` is touched: a failed export leaves an earlier artifact there intact."""

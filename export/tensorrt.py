@@ -1,4 +1,5 @@
-"""``distill export tensorrt``: a strongly typed TensorRT engine from an ONNX export folder, and its runner.
+"""``distill export tensorrt``: a strongly typed TensorRT engine from an ONNX export folder (the builder; its
+runner is :class:`export.backends.tensorrt_backend.TensorRTBackend`).
 
 Precision comes from the ONNX graph (FP32, FP16 casts, INT8 Q/DQ), never from builder flags: TensorRT 10 deprecated
 weak typing and TensorRT 11 removed ``--fp16/--int8/--best``. The network is created with the
@@ -7,12 +8,13 @@ engine folder's manifest records the equivalent ``trtexec`` command, the TensorR
 capability; an engine is only deserialized where all three match (TensorRT has no preflight check of its own).
 
 Written against TensorRT's documented Python API (``../shared/REFERENCES.md``). TensorRT cannot be installed on
-the machines this project is developed on, so :func:`build_engine` and :class:`TensorRTBackend` have not been run;
+the machines this project is developed on, so :func:`build_engine` and the engine's backend have not been run;
 everything before the first ``import tensorrt`` (profiles, commands, manifest checks, Q/DQ rules) is tested.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +32,11 @@ from export.artifact import (
     staged_dir,
     write_manifest,
 )
+from export.backends.tensorrt_backend import cuda_gpu, import_tensorrt
+
+LOG = logging.getLogger("distill")  # progress lines: the CLI prints them, a library caller configures logging
 
 DEFAULT_WORKSPACE = 4 << 30
-
-
-class TensorRTUnavailable(DistillError):
-    """TensorRT (or a CUDA GPU) is missing on this machine (exit code 1)."""
 
 
 @dataclass
@@ -132,39 +133,6 @@ def qdq_violations(model) -> list[str]:
     return out
 
 
-def check_engine_compatible(manifest: dict[str, Any], version: str, gpu: str, capability: str) -> None:
-    """Refuse, in one line, an engine built by another TensorRT version or for another GPU."""
-    built = manifest.get("tensorrt") or {}
-    where = manifest.get("path", "the engine")
-    if built.get("version") != version:
-        raise UsageError(f"{where}: built with TensorRT {built.get('version')}, this machine has {version}; rebuild "
-                         "it here with 'distill export tensorrt'")
-    if built.get("compute_capability") != capability or built.get("gpu") != gpu:
-        raise UsageError(f"{where}: built for {built.get('gpu')} (compute capability "
-                         f"{built.get('compute_capability')}), this GPU is {gpu} ({capability}); rebuild it here "
-                         "with 'distill export tensorrt'")
-
-
-def _import_tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise TensorRTUnavailable("TensorRT is not installed (pip install tensorrt, from NVIDIA's package index, on "
-                                  "a machine with an NVIDIA GPU); --dry-run prints the trtexec command that builds "
-                                  "the same engine") from None
-    return trt
-
-
-def _gpu() -> tuple[str, str]:
-    import torch
-
-    if not torch.cuda.is_available():
-        raise TensorRTUnavailable("TensorRT needs a CUDA GPU and none is visible; build the engine on the GPU "
-                                  "machine that will run it")
-    major, minor = torch.cuda.get_device_capability()
-    return torch.cuda.get_device_name(), f"{major}.{minor}"
-
-
 def prepare_build(source: Path, out: Path, opts: BuildOptions) -> dict[str, Any]:
     """Everything :func:`build_engine` checks and records before TensorRT is touched: the source export, Q/DQ rules
     of an INT8 graph, the profile, the ``trtexec`` command. Returns the engine manifest without build results."""
@@ -195,12 +163,12 @@ def prepare_build(source: Path, out: Path, opts: BuildOptions) -> dict[str, Any]
                          "trtexec": trtexec_command(Path(src["path"]), engine, profile, opts, cache)}}
 
 
-def build_engine(source: Path, out: Path, opts: BuildOptions, *, command: str = "", log=print) -> dict[str, Any]:
+def build_engine(source: Path, out: Path, opts: BuildOptions, *, command: str = "", log=LOG.info) -> dict[str, Any]:
     """Build a strongly typed engine from the ONNX export ``source`` into the folder ``out`` (needs TensorRT)."""
     manifest = prepare_build(source, out, opts)
     manifest["command"] = command
-    trt = _import_tensorrt()
-    gpu, capability = _gpu()
+    trt = import_tensorrt()
+    gpu, capability = cuda_gpu()
     src = read_manifest(source)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -234,69 +202,3 @@ def build_engine(source: Path, out: Path, opts: BuildOptions, *, command: str = 
         manifest["files"] = {p.name: sha256(p) for p in sorted(stage.iterdir()) if p.is_file()}
         write_manifest(stage, manifest)
     return manifest
-
-
-class TensorRTBackend:
-    """A TensorRT engine behind the backend protocol (CUDA tensors in and out, on a non-default stream)."""
-
-    name = "tensorrt"
-
-    def __init__(self, manifest: dict[str, Any], device: str = "cuda"):
-        import torch
-
-        from distill.schedules import schedule_from_config
-
-        trt = _import_tensorrt()
-        gpu, capability = _gpu()
-        check_engine_compatible(manifest, trt.__version__, gpu, capability)
-        meta = manifest["metadata"]
-        self.manifest, self.metadata, self.kind = manifest, meta, manifest.get("kind", "denoiser")
-        self.precision, self.device = manifest["precision"], device if device != "cpu" else "cuda"
-        self.schedule = schedule_from_config(meta["diffusion"]["schedule"])
-        config = meta["model"]["config"]
-        self.image_shape = tuple(manifest["image_shape"])
-        self.num_classes = int(config.get("num_classes") or 0)
-        self.null_label = self.num_classes if self.num_classes else None
-        self.guidance_input = bool(config.get("guidance_embed"))
-        self.labels, self.guided = manifest["labels"], manifest["guided"]
-        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(
-            Path(manifest["path"]).read_bytes())
-        if self.engine is None:
-            raise UsageError(f"{manifest['path']}: TensorRT refused to deserialize the engine; rebuild it here")
-        self.context = self.engine.create_execution_context()
-        self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.inputs = [n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.output = next(n for n in self.names if n not in self.inputs)
-        self.stream = torch.cuda.Stream()
-
-    def _run(self, inputs: list) -> Any:
-        import torch
-
-        dev = torch.device(self.device)
-        tensors = [x.to(dev).contiguous() for x in inputs]
-        for name, x in zip(self.inputs, tensors):
-            self.context.set_input_shape(name, tuple(x.shape))
-            self.context.set_tensor_address(name, x.data_ptr())
-        out = torch.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=torch.float32, device=dev)
-        self.context.set_tensor_address(self.output, out.data_ptr())
-        self.stream.wait_stream(torch.cuda.current_stream(dev))
-        self.context.execute_async_v3(self.stream.cuda_stream)
-        torch.cuda.current_stream(dev).wait_stream(self.stream)
-        return out
-
-    def __call__(self, x_t, t, cond=None):
-        from export.backends import graph_inputs
-
-        inputs = graph_inputs(x_t.float(), t, cond, labels=self.labels, guided=self.guided,
-                              null_label=self.null_label, source=self.manifest.get("path", "the engine"))
-        return self._run(inputs).to(device=x_t.device, dtype=x_t.dtype)
-
-    def sample(self, seeds, cond=None):
-        from export.backends import graph_inputs
-        from export.fused import fused_noise
-
-        noise = fused_noise(seeds, self.image_shape, self.manifest["noise_slots"])
-        inputs = graph_inputs(noise, 0.0, cond, labels=self.labels, guided=self.guided, null_label=self.null_label,
-                              source=self.manifest.get("path", "the engine"))
-        del inputs[1]
-        return self._run(inputs).cpu()

@@ -12,6 +12,15 @@ class CliRun(NamedTuple):
     stderr: str
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_distill_cache(tmp_path_factory):
+    """Point ``$DISTILL_CACHE`` (reference features, the exported FID network) at a folder of this test session,
+    so no test reads or writes the user's cache; subprocesses inherit it. A test that sets its own still can."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DISTILL_CACHE", str(tmp_path_factory.mktemp("distill-cache")))
+        yield
+
+
 @pytest.fixture
 def distill_main(monkeypatch, capsys):
     """Run the ``distill`` console entry point in this process (no interpreter start-up per call); returns

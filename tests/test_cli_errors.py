@@ -530,7 +530,7 @@ def test_teacher_options_that_would_be_silently_wrong(monkeypatch, capsys, tmp_p
 
 
 def test_the_cli_offers_every_sampler():
-    from distill.cli import SAMPLER_NAMES
+    from distill.app.cli.common import SAMPLER_NAMES
     from distill.samplers import SAMPLERS
 
     assert SAMPLER_NAMES == tuple(SAMPLERS)

@@ -14,6 +14,7 @@ from distill.checkpoint import card_sampling, load_denoiser, read_metadata
 from distill.data import load_dataset
 from distill.denoiser import Cond, Denoiser
 from distill.distillation import make_student
+from distill.hardware import native_bf16
 from distill.methods.consistency import (
     ConsistencyLoss,
     consistency_distance,
@@ -25,6 +26,9 @@ from distill.methods.consistency import (
 from distill.models.unet import UNet, UNetConfig
 from distill.samplers import clean_alpha_sigma, generate, sample_consistency, sample_ddim, sample_heun
 from distill.schedules import CosineSchedule, KarrasSchedule
+
+# the recipes say precision: auto, bf16 only where the CPU runs it natively
+NATIVE_BF16 = native_bf16()
 
 BOUNDARY = {"sigma_min": 0.002, "sigma_data": 0.5}
 CM_ARGS = ["--steps", "4", "--batch-size", "16", "--ckpt-every", "2", "--search-samples", "24"]
@@ -90,6 +94,43 @@ def test_a_card_serves_its_searched_timesteps_for_each_step_count():
     assert card_sampling(card, steps=1, sampler="ddim") == ("ddim", 1, "own", [0.99, 0.0])
     assert card_sampling(card, steps=5) == ("consistency", 5, None, None)  # no searched grid: the sampler's own
     assert card_sampling(card, steps=3, spacing="karras") == ("consistency", 3, "karras", None)
+
+
+def test_the_timestep_search_ranks_candidates_by_the_scorer_it_is_given():
+    from distill.consistency import SEARCH_REF, search_timesteps
+    from distill.errors import UsageError
+
+    den, seen, logs = load_denoiser("mnist-cd"), {}, []
+
+    class MeanScorer:  # any metric, lower is better; built outside the core
+        metric = "kid"
+
+        def __call__(self, data, ref):
+            seen.update(data=data, ref=ref)
+            return lambda images, labels: float(np.asarray(images, dtype=np.float64).mean())
+
+    found = search_timesteps(den, "DATA", samples=2, max_steps=2, scorer=MeanScorer(), log=logs.append)
+    assert seen == {"data": "DATA", "ref": SEARCH_REF}
+    assert found["metric"] == "kid" and set(found["kid"]) == {"1", "2"} and "fd" not in found
+    assert len(found["timesteps_by_steps"]["2"]) == 3 and "2 steps KID" in logs[-1]
+
+    class Unfit:
+        metric = "fd"
+
+        def __call__(self, data, ref):
+            raise UsageError("no domain classifier for this data")
+
+    assert search_timesteps(den, None, samples=2, max_steps=2, scorer=Unfit(), log=logs.append) is None
+    assert logs[-1].startswith("timestep search skipped (no domain classifier for this data)")
+
+
+def test_a_search_without_a_scorer_is_refused_before_anything_runs(tmp_path):
+    from distill.consistency import ConsistencyOptions, distill_consistency
+    from distill.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"^search_samples 8: .*pass one .*, or set search_samples to 0$"):
+        distill_consistency("mnist", tmp_path / "cm", ConsistencyOptions(search_samples=8))
+    assert not (tmp_path / "cm").exists()
 
 
 # -- discretization, curriculum, metric ----------------------------------------------------------------------------
@@ -349,8 +390,8 @@ def test_a_run_directory_is_continued_only_with_the_same_settings(tmp_path, teac
 
 @pytest.mark.parametrize("recipe, want", [
     ("mnist-cd.yaml", dict(mode="cd", scales=18, solver="heun", target_decay=0.0, metric="pseudo_huber",
-                           bf16=True, search_samples=500)),
-    ("mnist-ct.yaml", dict(mode="ct", curriculum=(10, 160), metric="pseudo_huber", bf16=True)),
+                           bf16=NATIVE_BF16, search_samples=500)),
+    ("mnist-ct.yaml", dict(mode="ct", curriculum=(10, 160), metric="pseudo_huber", bf16=NATIVE_BF16)),
 ])
 def test_the_recipes_are_valid_configs_of_the_command(tmp_path, distill_main, monkeypatch, recipe, want):
     import distill.consistency

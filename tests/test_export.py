@@ -247,7 +247,7 @@ def test_backend_mistakes_are_one_line(tmp_path, teacher_file, distill_main, arg
 
 @pytest.mark.parametrize("args,needle", [
     (["--fused"], "unrolls at most 8"),
-    (["--calib-method", "entropy"], "applies to --precision int8"),
+    (["--calib-method", "entropy"], "applies to precision int8"),
     (["--steps", "3"], "add --fused"),
     (["--precision", "int8", "--fused", "--steps", "2", "--calibration", "random"], "own noise inputs"),
     (["--precision", "int8", "--float-steps", "2"], "add --fused"),
@@ -267,7 +267,8 @@ def test_an_export_never_replaces_a_folder_that_is_not_an_export(tmp_path, teach
 
 
 def test_tensorrt_build_is_prepared_and_checked_without_tensorrt(tmp_path, fp32_export, distill_main):
-    from export.tensorrt import BuildOptions, check_engine_compatible, optimization_profile, prepare_build
+    from export.backends.tensorrt_backend import check_engine_compatible
+    from export.tensorrt import BuildOptions, optimization_profile, prepare_build
 
     r = distill_main("export", "tensorrt", fp32_export, "--out", tmp_path / "eng", "--dry-run", "--max-batch", "32")
     assert r.returncode == 0
@@ -344,7 +345,7 @@ def test_inspect_describes_models_exports_and_bare_onnx(tmp_path, teacher_file, 
 
 
 def test_backend_names_match_the_cli():
-    from distill.cli import BACKEND_NAMES
+    from distill.app.cli.common import BACKEND_NAMES
     from export.backends import BACKENDS
 
     assert BACKEND_NAMES == BACKENDS

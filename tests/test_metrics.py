@@ -116,15 +116,43 @@ def test_real_halves_are_fixed_disjoint_and_cover_the_data(digits):
     assert set(la.tolist()) == set(lb.tolist()) == set(range(10))
 
 
-def test_reference_features_are_cached(digits, monkeypatch):
+def test_reference_features_are_cached(digits, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
     ext = metrics.domain_extractor("digits")
     calls = []
     inner = ext.features
     ext.features = lambda batch: calls.append(len(batch)) or inner(batch)
+    capsys.readouterr()
     first = metrics.reference_features(digits, "A", ext, progress=False)
+    n = len(metrics.real_split(digits, "A")[0])
+    # Building the cache says so, once, on one line: what, how many images, where; a hit says nothing.
+    assert capsys.readouterr().err == (f"note: building the digits-classifier reference features of digits half A "
+                                       f"once ({n:,} images; cached in {tmp_path / 'cache' / 'reference'}); later "
+                                       "runs reuse them\n")
     second = metrics.reference_features(digits, "A", ext, progress=False)
-    assert sum(calls) == len(metrics.real_split(digits, "A")[0])  # extracted once
+    assert capsys.readouterr().err == ""
+    assert sum(calls) == n  # extracted once
     assert torch.equal(first["features"], second["features"]) and first["logits"].shape[1] == 10
+
+
+def test_the_onnx_export_of_the_fid_network_says_it_happens_once(monkeypatch, tmp_path, capsys):
+    from benchmarks import inception
+    from distill.checkpoint import atomic_write
+
+    def tiny_export(path, channels):  # a stand-in for the 90 MB Inception network, same input and output names
+        net = torch.nn.Sequential(torch.nn.Conv2d(channels, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        atomic_write(path, lambda tmp: torch.onnx.export(
+            net, (torch.zeros(2, channels, 8, 8),), tmp, dynamo=False, input_names=["x"], output_names=["features"],
+            dynamic_axes={"x": {0: "n"}, "features": {0: "n"}}, opset_version=17))
+
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(metrics, "_export_inception", tiny_export)
+    capsys.readouterr()
+    assert metrics._inception_session(1) is not None
+    path = tmp_path / "cache" / f"inception-{inception.SHA1[:12]}-c1.onnx"
+    assert capsys.readouterr().err == (f"note: exporting the InceptionV3 FID network (1-channel input) to ONNX once "
+                                       f"(cached in {path}); later runs reuse it\n")
+    assert metrics._inception_session(1) is not None and capsys.readouterr().err == ""
 
 
 def test_shipped_domain_classifiers_meet_their_held_out_accuracy(digits):

@@ -187,6 +187,57 @@ def test_debris_of_a_killed_write_does_not_trip_the_next_run(tmp_path, distill_m
     assert [r["step"] for r in records] == [3, 5]
 
 
+def _tiny_progressive(teacher: Path, out: Path) -> list[str]:
+    """A one-round progressive distillation (2 -> 1 steps, 2 optimizer steps, a checkpoint after each); its log."""
+    from distill.distillation import ProgressiveOptions, distill_progressive
+
+    lines: list[str] = []
+    opts = ProgressiveOptions(start_steps=2, target_steps=1, round_steps=(2,), batch_size=8, ckpt_every=1)
+    distill_progressive(str(teacher), out, opts, progress=False, log=lines.append)
+    return lines
+
+
+def test_a_kill_between_the_checkpoint_files_never_passes_a_stale_model_for_a_finished_stage(
+        tmp_path, teacher_file, monkeypatch):
+    """The model file is written first and the state (the checkpoint's commit point) last; a stage is done only
+    when its model was written at its state's step, so a kill between the two renames is resumed, not skipped."""
+    from distill import training
+    from distill.checkpoint import load_tensors, read_metadata, save_tensors
+    from distill.distillation import run_done
+
+    model, state = training.MODEL_FILE, training.STATE_FILE
+    # Killed after the last model file's rename, before the state's: the state is still the previous checkpoint's.
+    real_save = training.save_tensors
+
+    def killed_before_the_state(path, tensors, metadata):
+        if path.name == state and metadata["step"] == 2:
+            raise KeyboardInterrupt  # the kill
+        real_save(path, tensors, metadata)
+
+    monkeypatch.setattr(training, "save_tensors", killed_before_the_state)
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_progressive(teacher_file, tmp_path)
+    monkeypatch.setattr(training, "save_tensors", real_save)
+    stage = tmp_path / "steps-1"
+    assert read_metadata(stage / model)["step"] == 2 and read_metadata(stage / state)["step"] == 1
+    assert not run_done(stage, 2)
+    assert any("resuming" in line for line in _tiny_progressive(teacher_file, tmp_path))
+    final, final_meta = load_tensors(stage / model)
+    final = {k: v.clone() for k, v in final.items()}  # not the file's memory map: the file is overwritten below
+    assert final_meta["step"] == read_metadata(stage / state)["step"] == 2 and run_done(stage, 2)
+
+    # A model file that does not read, or a state at the last step beside an older model (what the former write
+    # order could leave), is not done either: the same command resumes and rewrites the model from the state.
+    (stage / model).write_bytes(b"half a model")
+    assert not run_done(stage, 2)
+    save_tensors(stage / model, {k: v + 1 for k, v in final.items()}, {**final_meta, "step": 1})
+    assert not run_done(stage, 2)
+    assert any("resuming" in line for line in _tiny_progressive(teacher_file, tmp_path))
+    rewritten, meta = load_tensors(stage / model)
+    assert meta["step"] == 2 and run_done(stage, 2)
+    assert rewritten.keys() == final.keys() and all(torch.equal(rewritten[k], final[k]) for k in final)
+
+
 def _write_model(path: Path, **changes) -> None:
     net = UNet(UNetConfig(image_size=8, channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
                           num_classes=10))

@@ -17,6 +17,7 @@ seeds into a shard file, and the main process joins them in seed order and compu
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -27,6 +28,8 @@ import torch
 
 from benchmarks.bench.grid import Config, Grid
 from benchmarks.bench.speed import append_jsonl, export_for, machine_info, open_backend, read_jsonl
+
+LOG = logging.getLogger("distill")  # progress lines: the CLI prints them, a library caller configures logging
 
 DEFAULT_BENCH_METRICS = ("fd", "kid", "acc")
 
@@ -96,7 +99,7 @@ def generate_samples(config: Config, seeds: list[int], out: Path, exports: Path,
 
 def run_quality(grid: Grid, out: Path, *, samples: int = 2500, data_spec: str = "mnist", ref: str = "A",
                 metrics: tuple[str, ...] = DEFAULT_BENCH_METRICS, device: str = "cpu", batch_size: int = 250,
-                force: bool = False, exports: Path | None = None, log: Callable[[str], None] = print) -> list[dict]:
+                force: bool = False, exports: Path | None = None, log: Callable[[str], None] = LOG.info) -> list[dict]:
     """Measure every quality class of ``grid`` not yet in ``out/quality.jsonl``; returns the rows for the grid
     (on the main process; other processes of an ``accelerate launch`` return an empty list)."""
     from accelerate import PartialState

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import platform
 import resource
@@ -36,34 +37,24 @@ import numpy as np
 import torch
 
 from benchmarks.bench.grid import Config, Grid, model_digest
+from distill.hardware import cpu_info
 
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile", "fma", "f16c")
+LOG = logging.getLogger("distill")  # progress lines: the CLI prints them, a library caller configures logging
 
 
 def machine_info(device: str = "cpu") -> dict[str, Any]:
-    """The machine a result was measured on: CPU model and the flags that pick kernels, threads, GPU and driver,
-    library versions."""
+    """The machine a result was measured on: CPU model and the flags that pick kernels, threads
+    (:func:`distill.hardware.cpu_info`), GPU and driver, library versions."""
     from importlib.metadata import PackageNotFoundError, version
 
-    cpu, flags = platform.processor() or platform.machine(), []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                flags = [f for f in CPU_FLAGS if f in have]
-                break
-    except OSError:
-        pass
     libs = {}
     for lib in ("distill", "torch", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy", "tensorrt"):
         try:
             libs[lib] = version(lib)
         except PackageNotFoundError:
             pass
-    info = {"cpu": cpu, "cpu_flags": flags, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-            "os": platform.platform(), "python": platform.python_version(), "libraries": libs, "device": device}
+    info = {**cpu_info(), "os": platform.platform(), "python": platform.python_version(), "libraries": libs,
+            "device": device}
     if device.startswith("cuda") and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.device(device))
         info.update({"gpu": props.name, "compute_capability": f"{props.major}.{props.minor}",
@@ -322,7 +313,7 @@ def append_jsonl(path: Path, rows: list[dict]) -> None:
 
 def run_speed(grid: Grid, out: Path, *, device: str = "cpu", threads: int | None = None, repeats: int = 20,
               max_seconds: float = 20.0, rounds: int = 3, force: bool = False, exports: Path | None = None,
-              log: Callable[[str], None] = print) -> list[dict]:
+              log: Callable[[str], None] = LOG.info) -> list[dict]:
     """Measure every configuration of ``grid`` not yet in ``out/speed.jsonl`` in ``rounds`` passes over the grid
     (see the module's note), ``repeats`` timed calls and ``max_seconds`` per measurement shared among the passes;
     returns all rows for the grid."""

@@ -86,7 +86,7 @@ def load_backend(source: str | Path, backend: str | None = None, *, precision: s
         if kind == "tensorrt":
             if backend != "tensorrt":
                 raise UsageError(f"--backend {backend}: {source} is a TensorRT engine; use --backend tensorrt")
-            from export.tensorrt import TensorRTBackend
+            from export.backends.tensorrt_backend import TensorRTBackend
 
             return TensorRTBackend(manifest, device=device)
         if backend not in ("onnxruntime", "onnxruntime-trt"):

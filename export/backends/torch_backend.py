@@ -34,10 +34,9 @@ class TorchBackend:
         if key not in self._graphs:
             graph = DenoiserGraph(self.den, labels=labels, guided=guided).eval()
             if self.device_type == "cpu":
-                import torch._inductor.config as inductor_config
-
-                inductor_config.freezing = True
-                self._graphs[key] = torch.compile(graph, fullgraph=True, dynamic=False)
+                # freezing for this graph only (an inductor option of this compile, not its process-wide config, so
+                # no later compile in the same process inherits it)
+                self._graphs[key] = torch.compile(graph, fullgraph=True, dynamic=False, options={"freezing": True})
             else:
                 self._graphs[key] = torch.compile(graph, fullgraph=True, dynamic=False, mode="reduce-overhead")
         return self._graphs[key]

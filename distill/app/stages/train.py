@@ -1,0 +1,282 @@
+"""Training stages: a teacher, progressive (and guidance) distillation, consistency distillation and training."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from distill.app.stages.base import StageConfig, StageResult, as_list, check_threads, log, torch_threads
+from distill.errors import ConfigError, UsageError
+
+Precision = Literal["auto", "fp32", "bf16"]
+PositiveFloat = Field(gt=0, allow_inf_nan=False)
+
+
+def options_error(e: UsageError, cls: type[StageConfig]) -> ConfigError:
+    """A library check's message names its command-line flag (``--start-steps 3 must ...``): the same error, naming
+    the config field instead, so a recipe can point at its key."""
+    text = str(e)
+    m = re.match(r"--([a-z0-9-]+)[: ]\s*(.*)", text)
+    if m and m.group(1).replace("-", "_") in cls.model_fields:
+        return ConfigError(m.group(1).replace("-", "_"), m.group(2))
+    return ConfigError(cls.kind, text)
+
+
+def resolve_precision(precision: str, device: str = "cpu") -> tuple[bool, str]:
+    """``(bf16, reason)`` for a training stage: ``auto`` is bf16 only where the hardware runs it natively."""
+    from distill.hardware import resolve_precision as resolve
+
+    chosen, reason = resolve(precision, device)
+    return chosen == "bf16", reason
+
+
+def finished_steps(out: Path) -> int:
+    """The step of the training state in ``out`` (0 when there is none)."""
+    from distill.checkpoint import read_metadata
+    from distill.training import STATE_FILE
+
+    state = out / STATE_FILE
+    return int(read_metadata(state).get("step", 0)) if state.exists() else 0
+
+
+def fresh_run_dir(out: Path) -> bool:
+    """Whether ``out`` holds no checkpoint yet; a log left by a run killed before its first checkpoint is dropped,
+    so the new run's ``metrics.jsonl`` is its own."""
+    from distill.training import METRICS_FILE, STATE_FILE
+
+    if (out / STATE_FILE).exists():
+        return False
+    (out / METRICS_FILE).unlink(missing_ok=True)
+    return True
+
+
+def last_loss(out: Path) -> float | None:
+    import json
+
+    from distill.training import METRICS_FILE
+
+    path = out / METRICS_FILE
+    if not path.exists():
+        return None
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    try:
+        return float(json.loads(lines[-1])["loss"]) if lines else None
+    except (ValueError, KeyError):
+        return None
+
+
+class TrainFields(StageConfig):
+    """The optimization settings every training stage has."""
+
+    lr: float = PositiveFloat
+    batch_size: int = Field(128, ge=1, le=65536)
+    warmup: int = Field(0, ge=0)
+    grad_clip: float = Field(1.0, ge=0, allow_inf_nan=False)
+    precision: Precision = "auto"
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    ckpt_every: int = Field(100, ge=1)
+    threads: int | None = None
+
+    _threads = field_validator("threads")(lambda cls, v: check_threads(v))
+
+
+class TeacherConfig(TrainFields):
+    """``distill teacher train``: a native UNet diffusion teacher trained on an image dataset."""
+
+    kind: ClassVar[str] = "teacher"
+    cli: ClassVar[str] = "teacher train"
+    flags: ClassVar[dict[str, str]] = {"data": "--data"}
+
+    data: str = Field(min_length=1)
+    image_size: int | None = Field(None, ge=4, le=1024)
+    unconditional: bool = False
+    schedule: Literal["cosine", "linear", "scaled_linear", "squaredcos_cap_v2"] = "cosine"
+    prediction: Literal["v", "eps", "x0"] = "v"
+    channels: int = Field(32, ge=4, le=1024)
+    channel_mult: list[int] | None = None  # [default: 1,2 for <= 16 px, else 1,2,2]
+    num_res_blocks: int = Field(2, ge=1, le=8)
+    attn: list[int] | None = None  # resolutions with self-attention [default: the lowest]; [] = none
+    dropout: float = Field(0.1, ge=0, le=0.9)
+    steps: int = Field(4000, ge=1)
+    lr: float = Field(2e-4, gt=0, allow_inf_nan=False)
+    warmup: int = Field(200, ge=0)
+    lr_decay: Literal["constant", "linear", "cosine"] = "constant"
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    label_dropout: float = Field(0.1, ge=0, le=1)
+    ckpt_every: int = Field(500, ge=1)
+
+    _lists = field_validator("channel_mult", "attn", mode="before")(lambda cls, v: as_list(v))
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.channel_mult is not None:
+            if not self.channel_mult or any(m < 1 for m in self.channel_mult):
+                raise ConfigError("channel_mult", f"{self.channel_mult}: give multipliers >= 1, e.g. 1,2,2")
+            widest = self.channels * max(self.channel_mult)
+            if widest > 8192:
+                raise ConfigError("channel_mult", f"{self.channel_mult}: the widest level would have {widest} "
+                                  f"channels (channels {self.channels} x multiplier); keep it at most 8192")
+        return self
+
+
+def run_teacher(cfg: TeacherConfig, out: Path, *, command: str = "", progress: bool = True) -> StageResult:
+    """Train (or continue, when ``out`` holds a checkpoint) a teacher into ``out``."""
+    from distill.teacher import build_teacher, train_teacher
+    from distill.training import MODEL_FILE
+
+    out = Path(out)
+    bf16, reason = resolve_precision(cfg.precision)
+    log.info(f"teacher: {reason}")
+    run = build_teacher(
+        data_spec=cfg.data, image_size=cfg.image_size, unconditional=cfg.unconditional, schedule=cfg.schedule,
+        prediction=cfg.prediction, channels=cfg.channels, channel_mult=cfg.channel_mult,
+        num_res_blocks=cfg.num_res_blocks, attn_res=cfg.attn, dropout=cfg.dropout, label_dropout=cfg.label_dropout,
+        train=dict(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup=cfg.warmup, lr_decay=cfg.lr_decay,
+                   grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, bf16=bf16, seed=cfg.seed,
+                   ckpt_every=cfg.ckpt_every))
+    start = time.perf_counter()
+    resume = not fresh_run_dir(out)
+    if resume and finished_steps(out) >= cfg.steps:
+        log.info(f"teacher: already trained ({out / MODEL_FILE})")
+    else:
+        with torch_threads(cfg.threads):
+            train_teacher(run, out, resume=resume, command=command or cfg.command(out), progress=progress)
+    return StageResult({"model": out / MODEL_FILE},
+                       {"steps": cfg.steps, "loss": last_loss(out), "precision": "bf16" if bf16 else "fp32",
+                        "precision_reason": reason, "seconds": round(time.perf_counter() - start, 1)})
+
+
+class StudentFields(TrainFields):
+    """What the distillation stages share: a teacher, its data, guidance and the student's parameterization."""
+
+    positional: ClassVar[tuple[str, ...]] = ("teacher",)
+    inputs: ClassVar[tuple[str, ...]] = ("teacher",)
+
+    teacher: str = Field(min_length=1)  # a model file, run directory or shipped name
+    data: str | None = None  # [default: the teacher's training data]
+    guidance_range: tuple[float, float] | None = None
+    guidance_lr_scale: float = Field(30.0, gt=0, allow_inf_nan=False)
+    guidance: float | None = Field(None, allow_inf_nan=False)
+    prediction: Literal["v", "x0"] | None = None
+    label_dropout: float = Field(0.0, ge=0, le=1)
+    lr: float = Field(1e-4, gt=0, allow_inf_nan=False)
+
+    _range = field_validator("guidance_range", mode="before")(lambda cls, v: as_list(v))
+
+
+class ProgressiveConfig(StudentFields):
+    """``distill progressive``: halve the teacher's DDIM step count round by round (Salimans & Ho 2022), with an
+    optional guidance-distillation stage first (Meng et al. 2023)."""
+
+    kind: ClassVar[str] = "progressive"
+    cli: ClassVar[str] = "progressive"
+
+    start_steps: int = Field(64, ge=2, le=1 << 20)
+    target_steps: int = Field(1, ge=1, le=1 << 19)
+    round_steps: list[int] = Field(default_factory=lambda: [1000], min_length=1, max_length=64)
+    guidance_steps: int = Field(1000, ge=1)
+
+    _rounds = field_validator("round_steps", mode="before")(lambda cls, v: as_list(v))
+
+    @model_validator(mode="after")
+    def _check(self):
+        if any(s < 1 for s in self.round_steps):
+            raise ConfigError("round_steps", f"{self.round_steps}: give step counts >= 1, one per round (the last "
+                              "repeats)")
+        try:
+            self.options().validate()
+        except UsageError as e:
+            raise options_error(e, type(self)) from None
+        return self
+
+    def options(self, bf16: bool = False):
+        from distill.distillation import ProgressiveOptions
+
+        return ProgressiveOptions(
+            start_steps=self.start_steps, target_steps=self.target_steps, round_steps=tuple(self.round_steps),
+            guidance_range=self.guidance_range, guidance_steps=self.guidance_steps,
+            guidance_lr_scale=self.guidance_lr_scale, guidance=self.guidance, prediction=self.prediction,
+            label_dropout=self.label_dropout, lr=self.lr, batch_size=self.batch_size, warmup=self.warmup,
+            grad_clip=self.grad_clip, bf16=bf16, seed=self.seed, ckpt_every=self.ckpt_every)
+
+
+def run_progressive(cfg: ProgressiveConfig, out: Path, *, command: str = "", progress: bool = True) -> StageResult:
+    """Run (or continue) a progressive distillation into ``out``; the output ``model`` is the last round's student,
+    ``steps-N`` / ``guidance`` every stage's."""
+    from distill.distillation import distill_progressive
+
+    out = Path(out)
+    bf16, reason = resolve_precision(cfg.precision)
+    log.info(f"progressive: {reason}")
+    start = time.perf_counter()
+    with torch_threads(cfg.threads):
+        paths = distill_progressive(cfg.teacher, out, cfg.options(bf16), data_spec=cfg.data,
+                                    command=command or cfg.command(out), progress=progress, log=log.info)
+    outputs = {p.parent.name: p for p in paths}
+    outputs["model"] = paths[-1]
+    return StageResult(outputs, {"students": [str(p) for p in paths], "steps": cfg.target_steps,
+                                 "loss": last_loss(paths[-1].parent), "precision": "bf16" if bf16 else "fp32",
+                                 "precision_reason": reason, "seconds": round(time.perf_counter() - start, 1)})
+
+
+class ConsistencyConfig(StudentFields):
+    """``distill consistency``: consistency distillation (``mode: cd``) or training (``ct``)."""
+
+    kind: ClassVar[str] = "consistency"
+    cli: ClassVar[str] = "consistency"
+
+    mode: Literal["cd", "ct"] = "cd"
+    steps: int = Field(2000, ge=1)
+    scales: int | None = Field(None, ge=2, le=1 << 20)
+    curriculum: tuple[int, int] | None = None
+    solver: Literal["ddim", "euler", "heun"] = "heun"
+    target_decay: float = Field(0.0, ge=0, lt=1)
+    metric: Literal["l2", "pseudo_huber"] = "pseudo_huber"
+    weighting: Literal["uniform", "inverse_gap"] | None = None
+    noise_sampling: Literal["uniform", "lognormal"] | None = None
+    from_scratch: bool = False
+    sigma_data: float = Field(0.5, gt=0, allow_inf_nan=False)
+    dropout: float = Field(0.0, ge=0, le=0.9)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    search_samples: int = Field(500, ge=0, le=10**6)
+    max_steps: int = Field(3, ge=1, le=16)
+    sample_steps: int = Field(2, ge=1, le=16)
+
+    _curriculum = field_validator("curriculum", mode="before")(lambda cls, v: as_list(v))
+
+    @model_validator(mode="after")
+    def _check(self):
+        try:
+            self.options().validate()
+        except UsageError as e:
+            raise options_error(e, type(self)) from None
+        return self
+
+    def options(self, bf16: bool = False):
+        from distill.consistency import ConsistencyOptions
+
+        fields = {k: getattr(self, k) for k in ConsistencyOptions.__dataclass_fields__ if k in type(self).model_fields}
+        return ConsistencyOptions(**{**fields, "bf16": bf16})
+
+
+def run_consistency(cfg: ConsistencyConfig, out: Path, *, command: str = "", progress: bool = True) -> StageResult:
+    """Run (or continue) consistency distillation or training into ``out``; the output ``model`` is the student,
+    with the searched multistep sampling times on its card."""
+    from benchmarks.scoring import QualityScorer
+    from distill.consistency import distill_consistency
+
+    out = Path(out)
+    bf16, reason = resolve_precision(cfg.precision)
+    log.info(f"consistency: {reason}")
+    start = time.perf_counter()
+    with torch_threads(cfg.threads):
+        path = distill_consistency(cfg.teacher, out, cfg.options(bf16), data_spec=cfg.data,
+                                   command=command or cfg.command(out), progress=progress, log=log.info,
+                                   scorer=QualityScorer() if cfg.search_samples else None)
+    return StageResult({"model": path}, {"steps": cfg.steps, "loss": last_loss(out), "mode": cfg.mode,
+                                         "precision": "bf16" if bf16 else "fp32", "precision_reason": reason,
+                                         "seconds": round(time.perf_counter() - start, 1)})
