@@ -14,7 +14,6 @@ the same command again skips finished stages and resumes the interrupted one exa
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import math
@@ -23,6 +22,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from distill.checkpoint import file_sha256  # noqa: F401  (re-exported: the students' cards record it)
 from distill.errors import UsageError
 
 LOG = logging.getLogger("distill")  # progress lines: the CLI prints them, a library caller configures logging
@@ -108,14 +108,6 @@ class Stage:
 def plan_stages(opts: ProgressiveOptions, guidance_stage: bool) -> list[Stage]:
     stages = [Stage(GUIDANCE_STAGE, None, opts.guidance_steps)] if guidance_stage else []
     return stages + [Stage(f"steps-{n}", n, opts.steps_of_round(k)) for k, n in enumerate(opts.rounds())]
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def make_student(parent, *, guidance_input: bool, prediction: str, seed: int = 0, dropout: float = 0.0,

@@ -19,9 +19,10 @@ class ConfigError(UsageError):
     """A stage config field with a bad value (exit code 2). ``field`` is the config field's name; the CLI shows it
     as its flag (``--start-steps``), a recipe as its key path (``recipe.yaml: stages[1].start_steps``)."""
 
-    def __init__(self, field: str, message: str):
+    def __init__(self, field: str, message: str, flag_message: str | None = None):
         super().__init__(f"{field}: {message}")
-        self.field, self.message = field, message
+        # flag_message: the same message naming command-line flags, where a library check wrote it that way
+        self.field, self.message, self.flag_message = field, message, flag_message
 
 
 class TrainingDiverged(DistillError):

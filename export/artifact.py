@@ -8,7 +8,6 @@ command and library versions that made it, and the sha256 of each file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import shutil
@@ -17,19 +16,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from distill.checkpoint import file_sha256 as sha256  # noqa: F401  (the artifact modules' name for it)
 from distill.errors import UsageError
 
 EXPORT_FORMAT = "distill.export/1"
 MANIFEST = "manifest.json"
 GRAPH_FILES = {"onnx": "model.onnx", "tensorrt": "model.engine"}
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def library_versions() -> dict[str, str]:

@@ -3,6 +3,7 @@ fused sampler graph, TensorRT preparation, every backend behind one protocol, an
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -21,6 +22,24 @@ def fp32_export(tmp_path_factory, teacher_file):
     out = tmp_path_factory.mktemp("exports") / "fp32"
     export_onnx(str(teacher_file), out, ExportOptions(), log=lambda *a: None)
     return out
+
+
+@pytest.fixture(scope="module")
+def int8_cpu_export(tmp_path_factory, teacher_file):
+    """``distill export onnx --precision int8`` (CPU target, 4 calibration trajectories), run once through the CLI
+    for the tests that check an INT8 artifact; returns ``(returncode, folder)``."""
+    from distill.cli import main
+
+    out = tmp_path_factory.mktemp("int8") / "cpu"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["distill", "export", "onnx", str(teacher_file), "--out", str(out), "--precision",
+                                 "int8", "--calib-samples", "4"])
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return code, out
 
 
 @pytest.fixture(scope="module")
@@ -119,22 +138,25 @@ def test_a_guided_w_input_student_exports_w_and_its_fused_graph(tmp_path, guided
         assert torch.allclose(ort_backend(x, t, cond), den(x, t, cond), atol=1e-4)
 
 
-def test_int8_quantizes_with_trajectory_calibration_and_keeps_the_excluded_layers(tmp_path, teacher_file):
+def test_int8_quantizes_with_trajectory_calibration_and_keeps_the_excluded_layers(tmp_path, teacher_file,
+                                                                                   int8_cpu_export):
     import onnx
 
+    from export.artifact import read_manifest
     from export.onnx import ExportOptions, export_onnx
     from export.precision import Int8Options
     from export.tensorrt import qdq_violations
 
-    made = {}
-    for target in ("cpu", "tensorrt"):
-        opts = ExportOptions(precision="int8", int8=Int8Options(target=target, samples=4))
-        made[target] = export_onnx(str(teacher_file), tmp_path / target, opts, log=lambda *a: None)
+    code, cpu_dir = int8_cpu_export  # the CLI's --precision int8 --calib-samples 4 (target cpu)
+    assert code == 0
+    made = {"cpu": read_manifest(cpu_dir)}
+    opts = ExportOptions(precision="int8", int8=Int8Options(target="tensorrt", samples=4))
+    made["tensorrt"] = export_onnx(str(teacher_file), tmp_path / "tensorrt", opts, log=lambda *a: None)
     m = made["cpu"]["int8"]
     assert m["calibration_set"]["source"] == "trajectory" and m["calibration_inputs"] == 4 * 20  # 4 x 20 steps
     assert m["method"] == "auto" and m["method_used"] == "minmax"  # the per-step graph's measured best
     assert m["QuantizeLinear_nodes"] > 0 and made["cpu"]["parity"]["max_rel_err"] < 0.2
-    model = onnx.load(str(tmp_path / "cpu/model.onnx"))
+    model = onnx.load(str(cpu_dir / "model.onnx"))
     by_name = {n.name: n for n in model.graph.node}
     for name in m["excluded_nodes"]:  # conv_in, conv_out, skips and embeddings stay float convolutions / gemms
         assert by_name[name].op_type in ("Conv", "Gemm", "MatMul")
@@ -175,17 +197,21 @@ def test_a_fused_int8_graph_gets_ranges_per_unrolled_step(tmp_path, teacher_file
     assert len(scales) >= 2 and len(set(scales)) > len(scales) // 2
 
 
-def test_step_percentile_calibration_uses_per_step_ranges(tmp_path, teacher_file):
-    from export.calibration import trajectory_inputs
+def test_step_percentile_calibration_uses_per_step_ranges(tmp_path, teacher_file, fp32_export):
+    from export.calibration import CalibrationSet, trajectory_inputs
     from export.precision import step_ranges
 
     den = load_denoiser(teacher_file)
-    from export.onnx import ExportOptions, export_onnx
-
-    export_onnx(str(teacher_file), tmp_path / "e", ExportOptions(check_batches=(1,)), log=lambda *a: None)
-    calib = trajectory_inputs(den, 2, labels=True, guided=False)
-    lo = step_ranges(tmp_path / "e/model.onnx", calib, 0.0, tmp_path)
-    hi = step_ranges(tmp_path / "e/model.onnx", calib, 100.0, tmp_path)
+    # a copy of the module's fp32 per-step export of the same teacher (ONNX Runtime's calibrator writes a
+    # shape-inferred file next to the model it reads: the shared artifact stays untouched)
+    onnx_path = shutil.copy(fp32_export / "model.onnx", tmp_path / "model.onnx")
+    full = trajectory_inputs(den, 2, labels=True, guided=False)
+    # four of the card's 20 steps (first, last and two between): the ranges are still per step, one calibrator each
+    keep = np.isin(full.step, [0, 6, 13, 19])
+    calib = CalibrationSet(full.rows(keep), full.step[keep], full.info)
+    assert len(np.unique(calib.step)) == 4
+    lo = step_ranges(onnx_path, calib, 0.0, tmp_path)
+    hi = step_ranges(onnx_path, calib, 100.0, tmp_path)
     assert lo.keys() == hi.keys() and lo
     name = next(iter(hi))
     assert 0 < float(lo[name][0]["rmax"]) <= float(hi[name][0]["rmax"])  # min over steps <= max over steps
@@ -292,7 +318,7 @@ def test_tensorrt_build_is_prepared_and_checked_without_tensorrt(tmp_path, fp32_
         check_engine_compatible(built, "10.16.0", "NVIDIA A100-SXM4-80GB", "8.0")
 
 
-def test_tensorrt_missing_is_one_line_and_cpu_int8_graphs_are_refused(tmp_path, fp32_export, teacher_file,
+def test_tensorrt_missing_is_one_line_and_cpu_int8_graphs_are_refused(tmp_path, fp32_export, int8_cpu_export,
                                                                        distill_main):
     pytest.importorskip("onnxruntime")
     try:
@@ -302,9 +328,9 @@ def test_tensorrt_missing_is_one_line_and_cpu_int8_graphs_are_refused(tmp_path, 
         pass
     r = distill_main("export", "tensorrt", fp32_export, "--out", tmp_path / "eng")
     assert r.returncode == 1 and "TensorRT is not installed" in r.stderr and r.stderr.count("\n") == 1
-    assert distill_main("export", "onnx", teacher_file, "--out", tmp_path / "i8", "--precision", "int8",
-                        "--calib-samples", "2").returncode == 0
-    r = distill_main("export", "tensorrt", tmp_path / "i8", "--out", tmp_path / "eng", "--dry-run")
+    code, i8 = int8_cpu_export  # distill export onnx --precision int8 (CPU target), through the CLI
+    assert code == 0
+    r = distill_main("export", "tensorrt", i8, "--out", tmp_path / "eng", "--dry-run")
     assert r.returncode == 2 and "--int8-target tensorrt" in r.stderr
 
 

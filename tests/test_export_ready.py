@@ -45,9 +45,10 @@ def test_denoiser_exports_to_onnx_and_compiles_without_graph_breaks(tmp_path, sc
     dynamic = [{0: batch}] * len(example)
     # torch.export with a dynamic batch (raises on any specialisation of the batch size)
     exported = torch.export.export(graph, example, dynamic_shapes=dynamic)
-    # ONNX through the dynamo exporter, checker-clean, no float64 anywhere
+    # ONNX through the dynamo exporter, checker-clean, no float64 anywhere; it is handed the dynamic-batch program
+    # just exported (what it would otherwise trace again itself)
     path = tmp_path / "den.onnx"
-    torch.onnx.export(graph, example, dynamic_shapes=dynamic, input_names=graph.input_names, output_names=["x0"],
+    torch.onnx.export(exported, (), input_names=graph.input_names, output_names=["x0"],
                       dynamo=True, verbose=False).save(str(path))
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
@@ -56,11 +57,12 @@ def test_denoiser_exports_to_onnx_and_compiles_without_graph_breaks(tmp_path, sc
     assert onnx.TensorProto.DOUBLE not in dtypes
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     compiled = torch.compile(graph, fullgraph=True, backend="eager")  # fullgraph: a graph break raises
+    unexported = exported.module()
     for b in (1, 7):
         inputs = graph.example_inputs(b, (1, 8, 8))
         with torch.no_grad():
             ref = graph(*inputs)
-            assert torch.allclose(exported.module()(*inputs), ref, atol=1e-6)
+            assert torch.allclose(unexported(*inputs), ref, atol=1e-6)
             assert torch.equal(compiled(*inputs), ref)
         out = session.run(None, {n: v.numpy() for n, v in zip(graph.input_names, inputs)})[0]
         assert _rel_err(out, ref.numpy()) <= 1e-5

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.checkpoint import atomic_write
+from distill.checkpoint import file_sha256 as file_digest
 
 PACKAGES = ("distill", "torch", "numpy", "accelerate", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript",
             "onnxconverter-common", "tensorrt", "diffusers", "pydantic", "torchmetrics", "pandas")
@@ -52,14 +53,6 @@ def machine(device: str = "cpu") -> dict[str, Any]:
     from benchmarks.bench.speed import machine_info
 
     return machine_info(device)
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def path_digest(path: Path) -> str:

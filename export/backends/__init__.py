@@ -124,3 +124,20 @@ def source_metadata(source: str | Path) -> dict[str, Any]:
     if is_artifact(source):
         return read_manifest(source)["metadata"]
     return read_metadata(resolve_model_path(source))
+
+
+def export_attributes(backend, manifest: dict[str, Any], device: str) -> None:
+    """Set what every export backend exposes (the :class:`Backend` protocol's attributes and the graph's inputs)
+    from the export's ``manifest`` and the model metadata it carries."""
+    from distill.schedules import schedule_from_config
+
+    meta = manifest["metadata"]
+    backend.manifest, backend.metadata, backend.kind = manifest, meta, manifest.get("kind", "denoiser")
+    backend.precision, backend.device = manifest["precision"], device
+    backend.schedule = schedule_from_config(meta["diffusion"]["schedule"])
+    config = meta["model"]["config"]
+    backend.image_shape = tuple(manifest["image_shape"])
+    backend.num_classes = int(config.get("num_classes") or 0)
+    backend.null_label = backend.num_classes if backend.num_classes else None
+    backend.guidance_input = bool(config.get("guidance_embed"))
+    backend.labels, backend.guided = manifest["labels"], manifest["guided"]

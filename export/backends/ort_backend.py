@@ -13,8 +13,7 @@ from torch import Tensor
 
 from distill.denoiser import Cond
 from distill.errors import UsageError
-from distill.schedules import schedule_from_config
-from export.backends import graph_inputs
+from export.backends import export_attributes, graph_inputs
 
 
 def providers_for(device: str, tensorrt_ep: bool = False) -> list[str]:
@@ -42,16 +41,7 @@ class OrtBackend:
                  threads: int | None = None, keep: Any = None):
         from export.onnx import ort_session
 
-        meta = manifest["metadata"]
-        self.manifest, self.metadata, self.device, self.kind = manifest, meta, device, manifest.get("kind", "denoiser")
-        self.precision = manifest["precision"]
-        self.schedule = schedule_from_config(meta["diffusion"]["schedule"])
-        config = meta["model"]["config"]
-        self.image_shape = tuple(manifest["image_shape"])
-        self.num_classes = int(config.get("num_classes") or 0)
-        self.null_label = self.num_classes if self.num_classes else None
-        self.guidance_input = bool(config.get("guidance_embed"))
-        self.labels, self.guided = manifest["labels"], manifest["guided"]
+        export_attributes(self, manifest, device)
         self.source = manifest.get("path", "the export")
         self.providers = providers_for(device, tensorrt_ep)
         if tensorrt_ep:

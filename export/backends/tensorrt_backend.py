@@ -61,21 +61,12 @@ class TensorRTBackend:
     def __init__(self, manifest: dict[str, Any], device: str = "cuda"):
         import torch
 
-        from distill.schedules import schedule_from_config
+        from export.backends import export_attributes
 
         trt = import_tensorrt()
         gpu, capability = cuda_gpu()
         check_engine_compatible(manifest, trt.__version__, gpu, capability)
-        meta = manifest["metadata"]
-        self.manifest, self.metadata, self.kind = manifest, meta, manifest.get("kind", "denoiser")
-        self.precision, self.device = manifest["precision"], device if device != "cpu" else "cuda"
-        self.schedule = schedule_from_config(meta["diffusion"]["schedule"])
-        config = meta["model"]["config"]
-        self.image_shape = tuple(manifest["image_shape"])
-        self.num_classes = int(config.get("num_classes") or 0)
-        self.null_label = self.num_classes if self.num_classes else None
-        self.guidance_input = bool(config.get("guidance_embed"))
-        self.labels, self.guided = manifest["labels"], manifest["guided"]
+        export_attributes(self, manifest, device if device != "cpu" else "cuda")
         self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(
             Path(manifest["path"]).read_bytes())
         if self.engine is None:

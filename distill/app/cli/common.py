@@ -124,8 +124,9 @@ def build(cls, ctx: click.Context | None = None, **values: Any):
 
         sep = " " if e.message.startswith("'") else ": "
         # the message names other fields (max_fd, round_steps): on the command line they are flags
-        message = re.sub(r"\b[a-z0-9]+(?:_[a-z0-9]+)+\b",
-                         lambda m: flag_of(m.group(0)) if m.group(0) in cls.model_fields else m.group(0), e.message)
+        message = e.flag_message or re.sub(
+            r"\b[a-z0-9]+(?:_[a-z0-9]+)+\b",
+            lambda m: flag_of(m.group(0)) if m.group(0) in cls.model_fields else m.group(0), e.message)
         raise UsageError(f"{flag_of(e.field)}{sep}{message}") from None
 
 

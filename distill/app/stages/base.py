@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +20,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from distill.errors import ConfigError
+from distill.errors import ConfigError, UsageError
 
 log = logging.getLogger("distill")
 
@@ -71,6 +72,22 @@ def build_config(cls: type[BaseModel], **values: Any):
         raise ConfigError(field_path(loc) or getattr(cls, "kind", "") or cls.__name__, msg) from None
 
 
+def options_error(e: UsageError, cls: type[BaseModel]) -> ConfigError:
+    """A library check's message names command-line flags (``--start-steps 3 must be --target-steps ...``): the
+    same error naming config fields instead (the first one as the error's field), so that a recipe can point at its
+    keys; the command line turns them back into flags."""
+
+    def field(m: re.Match) -> str:
+        name = m.group(1).replace("-", "_")
+        return name if name in cls.model_fields else m.group(0)
+
+    text = str(e)
+    m = re.match(r"--([a-z0-9-]+)[: ]\s*(.*)", text)
+    if m and m.group(1).replace("-", "_") in cls.model_fields:
+        return ConfigError(m.group(1).replace("-", "_"), re.sub(r"--([a-z0-9-]+)", field, m.group(2)), m.group(2))
+    return ConfigError(getattr(cls, "kind", "") or cls.__name__, re.sub(r"--([a-z0-9-]+)", field, text), text)
+
+
 class StageConfig(BaseModel):
     """Base of every stage's config: frozen, unknown fields refused, validated on construction."""
 
@@ -91,6 +108,15 @@ class StageConfig(BaseModel):
     @classmethod
     def flag(cls, name: str) -> str:
         return cls.flags.get(name, "--" + name.replace("_", "-"))
+
+    def check_options(self):
+        """Run the library's own check of the options this config stands for (``self.options().validate()``), its
+        error naming the field; returns ``self`` (for a model validator)."""
+        try:
+            self.options().validate()
+        except UsageError as e:
+            raise options_error(e, type(self)) from None
+        return self
 
     def cache_record(self) -> dict[str, Any]:
         """The settings that decide what the stage produces (its cache key is their hash with the inputs')."""

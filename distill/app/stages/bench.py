@@ -180,20 +180,14 @@ def run_bench_report(cfg: ReportConfig, command: str = "") -> StageResult:
     return StageResult(files, {"headline": summary["headline"], "rows": summary["rows"]})
 
 
-class BenchConfig(QualityConfig):
+class BenchConfig(QualityConfig, SpeedConfig):
     """A recipe's benchmark: quality, then speed, then the report, into one folder."""
 
     kind: ClassVar[str] = "benchmark"
     cli: ClassVar[str] = "bench"
 
-    repeats: int = Field(20, ge=3, le=100000)
-    max_seconds: float = Field(20.0, ge=0.1, allow_inf_nan=False)
-    rounds: int = Field(3, ge=1, le=100)
-    threads: int | None = None
     report_batch: int | None = Field(None, ge=1)  # [default: the largest batch of the grid]
     bound: float = Field(1.5, ge=1.0, allow_inf_nan=False)
-
-    _threads = field_validator("threads")(lambda cls, v: check_threads(v))
 
     def part(self, cls: type[StageConfig], **extra: Any) -> StageConfig:
         fields = {k: v for k, v in self.model_dump().items() if k in cls.model_fields}

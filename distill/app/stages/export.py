@@ -9,8 +9,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from distill.app.stages.base import StageConfig, StageResult, as_list, check_threads, log, torch_threads
-from distill.app.stages.train import options_error
-from distill.errors import ConfigError, UsageError
+from distill.errors import ConfigError
 
 SAMPLERS = Literal["ddpm", "ddim", "euler", "heun", "dpmpp_2m", "stochastic", "consistency"]
 INT8_FIELDS = ("int8_target", "calibration", "calib_method", "calib_samples", "percentile", "step_percentile",
@@ -58,11 +57,7 @@ class ExportConfig(StageConfig):
         given = [f for f in INT8_FIELDS if f in self.model_fields_set]
         if given and self.precision != "int8":
             raise ConfigError(given[0], "applies to precision int8; set precision to int8 or drop it")
-        try:
-            self.options().validate()
-        except UsageError as e:
-            raise options_error(e, type(self)) from None
-        return self
+        return self.check_options()
 
     def options(self):
         from export.onnx import ExportOptions
@@ -110,11 +105,7 @@ class TensorRTConfig(StageConfig):
 
     @model_validator(mode="after")
     def _check(self):
-        try:
-            self.options().validate()
-        except UsageError as e:
-            raise options_error(e, type(self)) from None
-        return self
+        return self.check_options()
 
     def options(self):
         from export.tensorrt import BuildOptions

@@ -64,7 +64,7 @@ class SamplingFields(StageConfig):
         try:
             check_sampler_options(self.sampler, self.eta)
         except UsageError as e:
-            from distill.app.stages.train import options_error
+            from distill.app.stages.base import options_error
 
             raise options_error(e, type(self)) from None
         return self

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -10,20 +9,10 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from distill.app.stages.base import StageConfig, StageResult, as_list, check_threads, log, torch_threads
-from distill.errors import ConfigError, UsageError
+from distill.errors import ConfigError
 
 Precision = Literal["auto", "fp32", "bf16"]
 PositiveFloat = Field(gt=0, allow_inf_nan=False)
-
-
-def options_error(e: UsageError, cls: type[StageConfig]) -> ConfigError:
-    """A library check's message names its command-line flag (``--start-steps 3 must ...``): the same error, naming
-    the config field instead, so a recipe can point at its key."""
-    text = str(e)
-    m = re.match(r"--([a-z0-9-]+)[: ]\s*(.*)", text)
-    if m and m.group(1).replace("-", "_") in cls.model_fields:
-        return ConfigError(m.group(1).replace("-", "_"), m.group(2))
-    return ConfigError(cls.kind, text)
 
 
 def resolve_precision(precision: str, device: str = "cpu") -> tuple[bool, str]:
@@ -187,11 +176,7 @@ class ProgressiveConfig(StudentFields):
         if any(s < 1 for s in self.round_steps):
             raise ConfigError("round_steps", f"{self.round_steps}: give step counts >= 1, one per round (the last "
                               "repeats)")
-        try:
-            self.options().validate()
-        except UsageError as e:
-            raise options_error(e, type(self)) from None
-        return self
+        return self.check_options()
 
     def options(self, bf16: bool = False):
         from distill.distillation import ProgressiveOptions
@@ -250,11 +235,7 @@ class ConsistencyConfig(StudentFields):
 
     @model_validator(mode="after")
     def _check(self):
-        try:
-            self.options().validate()
-        except UsageError as e:
-            raise options_error(e, type(self)) from None
-        return self
+        return self.check_options()
 
     def options(self, bf16: bool = False):
         from distill.consistency import ConsistencyOptions
