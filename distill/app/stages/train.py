@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -13,6 +15,20 @@ from distill.errors import ConfigError
 
 Precision = Literal["auto", "fp32", "bf16"]
 PositiveFloat = Field(gt=0, allow_inf_nan=False)
+
+
+@contextmanager
+def training_run(cfg: TrainFields, what: str) -> Iterator[dict[str, Any]]:
+    """What every training stage does around its run: resolve ``precision: auto`` (logged), run with the config's
+    threads (restored after), time it. Yields ``{"bf16": bool, "record": {...}}``; the record gets the precision,
+    its reason and the seconds, for the stage's result."""
+    bf16, reason = resolve_precision(cfg.precision)
+    log.info(f"{what}: {reason}")
+    run = {"bf16": bf16, "record": {"precision": "bf16" if bf16 else "fp32", "precision_reason": reason}}
+    start = time.perf_counter()
+    with torch_threads(cfg.threads):
+        yield run
+    run["record"]["seconds"] = round(time.perf_counter() - start, 1)
 
 
 def resolve_precision(precision: str, device: str = "cpu") -> tuple[bool, str]:
@@ -118,25 +134,21 @@ def run_teacher(cfg: TeacherConfig, out: Path, *, command: str = "", progress: b
     from distill.training import MODEL_FILE
 
     out = Path(out)
-    bf16, reason = resolve_precision(cfg.precision)
-    log.info(f"teacher: {reason}")
-    run = build_teacher(
-        data_spec=cfg.data, image_size=cfg.image_size, unconditional=cfg.unconditional, schedule=cfg.schedule,
-        prediction=cfg.prediction, channels=cfg.channels, channel_mult=cfg.channel_mult,
-        num_res_blocks=cfg.num_res_blocks, attn_res=cfg.attn, dropout=cfg.dropout, label_dropout=cfg.label_dropout,
-        train=dict(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup=cfg.warmup, lr_decay=cfg.lr_decay,
-                   grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, bf16=bf16, seed=cfg.seed,
-                   ckpt_every=cfg.ckpt_every))
-    start = time.perf_counter()
-    resume = not fresh_run_dir(out)
-    if resume and finished_steps(out) >= cfg.steps:
-        log.info(f"teacher: already trained ({out / MODEL_FILE})")
-    else:
-        with torch_threads(cfg.threads):
-            train_teacher(run, out, resume=resume, command=command or cfg.command(out), progress=progress)
-    return StageResult({"model": out / MODEL_FILE},
-                       {"steps": cfg.steps, "loss": last_loss(out), "precision": "bf16" if bf16 else "fp32",
-                        "precision_reason": reason, "seconds": round(time.perf_counter() - start, 1)})
+    with training_run(cfg, "teacher") as run:
+        teacher = build_teacher(
+            data_spec=cfg.data, image_size=cfg.image_size, unconditional=cfg.unconditional, schedule=cfg.schedule,
+            prediction=cfg.prediction, channels=cfg.channels, channel_mult=cfg.channel_mult,
+            num_res_blocks=cfg.num_res_blocks, attn_res=cfg.attn, dropout=cfg.dropout,
+            label_dropout=cfg.label_dropout,
+            train=dict(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup=cfg.warmup,
+                       lr_decay=cfg.lr_decay, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, bf16=run["bf16"],
+                       seed=cfg.seed, ckpt_every=cfg.ckpt_every))
+        resume = not fresh_run_dir(out)
+        if resume and finished_steps(out) >= cfg.steps:
+            log.info(f"teacher: already trained ({out / MODEL_FILE})")
+        else:
+            train_teacher(teacher, out, resume=resume, command=command or cfg.command(out), progress=progress)
+    return StageResult({"model": out / MODEL_FILE}, {"steps": cfg.steps, "loss": last_loss(out), **run["record"]})
 
 
 class StudentFields(TrainFields):
@@ -195,17 +207,13 @@ def run_progressive(cfg: ProgressiveConfig, out: Path, *, command: str = "", pro
     from distill.distillation import distill_progressive
 
     out = Path(out)
-    bf16, reason = resolve_precision(cfg.precision)
-    log.info(f"progressive: {reason}")
-    start = time.perf_counter()
-    with torch_threads(cfg.threads):
-        paths = distill_progressive(cfg.teacher, out, cfg.options(bf16), data_spec=cfg.data,
+    with training_run(cfg, "progressive") as run:
+        paths = distill_progressive(cfg.teacher, out, cfg.options(run["bf16"]), data_spec=cfg.data,
                                     command=command or cfg.command(out), progress=progress, log=log.info)
     outputs = {p.parent.name: p for p in paths}
     outputs["model"] = paths[-1]
     return StageResult(outputs, {"students": [str(p) for p in paths], "steps": cfg.target_steps,
-                                 "loss": last_loss(paths[-1].parent), "precision": "bf16" if bf16 else "fp32",
-                                 "precision_reason": reason, "seconds": round(time.perf_counter() - start, 1)})
+                                 "loss": last_loss(paths[-1].parent), **run["record"]})
 
 
 class ConsistencyConfig(StudentFields):
@@ -251,13 +259,9 @@ def run_consistency(cfg: ConsistencyConfig, out: Path, *, command: str = "", pro
     from distill.consistency import distill_consistency
 
     out = Path(out)
-    bf16, reason = resolve_precision(cfg.precision)
-    log.info(f"consistency: {reason}")
-    start = time.perf_counter()
-    with torch_threads(cfg.threads):
-        path = distill_consistency(cfg.teacher, out, cfg.options(bf16), data_spec=cfg.data,
+    with training_run(cfg, "consistency") as run:
+        path = distill_consistency(cfg.teacher, out, cfg.options(run["bf16"]), data_spec=cfg.data,
                                    command=command or cfg.command(out), progress=progress, log=log.info,
                                    scorer=QualityScorer() if cfg.search_samples else None)
     return StageResult({"model": path}, {"steps": cfg.steps, "loss": last_loss(out), "mode": cfg.mode,
-                                         "precision": "bf16" if bf16 else "fp32", "precision_reason": reason,
-                                         "seconds": round(time.perf_counter() - start, 1)})
+                                         **run["record"]})
