@@ -293,11 +293,10 @@ def load_recipe(path: Path | str, overrides: tuple[str, ...] = (), out: Path | N
             raise _fail(source, f"{where}.kind", f"{kind!r}: use one of {', '.join(GATE_KINDS)}")
         _check_keys(source, g, ["kind", *_fields(GATE_KINDS[kind])], where)
         gate = _validate(source, where, lambda **v: adapter.validate_python(v), g)
-        for attr, pool in (("model", known), ("over", known), ("export", exports)):
-            ref = getattr(gate, attr, None)
-            if ref is not None and ref not in pool and attr == "export":
-                raise _fail(source, f"{where}.export", f"{ref!r} is not an export of this recipe ("
-                            f"{', '.join(exports) or 'none'})")
+        # a model a gate names may be a stage or a model the table names as given; an export must be the recipe's
+        if kind == "parity" and gate.export not in exports:
+            raise _fail(source, f"{where}.export", f"{gate.export!r} is not an export of this recipe ("
+                        f"{', '.join(exports) or 'none'})")
         if bench is None and kind != "parity":
             raise _fail(source, where, f"a {kind} gate reads the benchmark table; add a benchmark: section")
         gates.append(gate)

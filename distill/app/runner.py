@@ -50,9 +50,7 @@ class RunSummary:
         return all(g.passed for g in self.gates)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"out": str(self.out), "passed": self.passed,
-                "stages": {n: {k: v for k, v in s.items() if k != "record"} | {"record": s.get("record")}
-                           for n, s in self.stages.items()},
+        return {"out": str(self.out), "passed": self.passed, "stages": self.stages,
                 "gates": [g.as_dict() for g in self.gates], "cards": [str(c) for c in self.cards]}
 
 
@@ -72,10 +70,7 @@ def _digest_input(value: str, made: dict[str, str]) -> str:
     p = Path(value)
     if p.is_dir() and (p / "manifest.json").is_file():
         return path_digest(p)  # an export folder
-    try:
-        return file_digest(resolve_model_path(value))
-    except UsageError as e:
-        raise UsageError(f"{value}: {e}") from None
+    return file_digest(resolve_model_path(value))  # a missing model: its one-line UsageError
 
 
 def stage_key(entry: Entry, made: dict[str, str], keys: dict[str, str], out: Path) -> tuple[str, dict[str, str]]:

@@ -81,15 +81,14 @@ def non_empty(ctx, param, value):
     return value
 
 
-def max_threads() -> int:
-    return 4 * (os.cpu_count() or 1)
-
-
 def threads_callback(ctx, param, value):
-    if value is not None and value > max_threads():
-        raise click.BadParameter(f"{value} is more than 4 threads per CPU core ({max_threads()} on this machine)",
-                                 ctx, param)
-    return value
+    """The stage configs' rule (:func:`distill.app.stages.base.check_threads`), checked as the option is parsed."""
+    from distill.app.stages.base import check_threads
+
+    try:
+        return check_threads(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx, param) from None
 
 
 def explicit(ctx: click.Context, name: str) -> bool:

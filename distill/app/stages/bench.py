@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from distill.app.stages.base import StageConfig, StageResult, as_list, check_threads, log, name_list, torch_threads
+from distill.app.stages.base import StageConfig, StageResult, as_list, check_threads, log, name_list
 from distill.errors import ConfigError
 
 BACKENDS = ("eager", "compile", "onnxruntime", "onnxruntime-fused")
@@ -208,8 +208,7 @@ def run_bench(cfg: BenchConfig, out: Path, *, speed: bool = True) -> StageResult
     record: dict[str, Any] = {"quality": quality.record["quality"]}
     outputs = dict(quality.outputs)
     if speed:
-        with torch_threads(cfg.threads):
-            speed_result = run_bench_speed(cfg.part(SpeedConfig), out)
+        speed_result = run_bench_speed(cfg.part(SpeedConfig), out)  # its processes take cfg.threads
         record["images_per_s"] = speed_result.record["images_per_s"]
         report = run_bench_report(ReportConfig(results=str(out), dest=str(out), name="report",
                                                batch=cfg.report_batch or max(cfg.batches), bound=cfg.bound),
