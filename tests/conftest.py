@@ -1,15 +1,49 @@
 """Fixtures shared by the test modules."""
 
+import os
 import sys
 from typing import NamedTuple
 
 import pytest
+
+# inductor compiles in the test's own process: starting its pool of compile workers (fresh interpreters importing
+# torch) costs more than the tests' tiny graphs take to compile
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 
 class CliRun(NamedTuple):
     returncode: int
     stdout: str
     stderr: str
+
+
+# The slowest modules first (seconds on the 2-core AVX2 EPYC, serial): the suite runs on two workers, one module
+# at a time each (pyproject: -n 2 --dist loadfile), and starting the long ones first keeps one worker from running
+# a long module alone at the end
+SLOW_MODULES = ("test_recipe_kills", "test_export", "test_recipes", "test_bench", "test_run_safety",
+                "test_export_ready", "test_metrics")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        name = item.path.stem
+        return SLOW_MODULES.index(name) if name in SLOW_MODULES else len(SLOW_MODULES)
+
+    items.sort(key=rank)  # stable: a module's tests keep their order
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread_per_worker():
+    """Two workers on two cores: one torch thread each (a test's own thread settings still apply)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(before)
+    else:
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -19,6 +53,12 @@ def _session_distill_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DISTILL_CACHE", str(tmp_path_factory.mktemp("distill-cache")))
         yield
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory):
+    """The environment of a module's ``distill`` subprocesses: a cache of their own, a fixed hash seed."""
+    return {**os.environ, "DISTILL_CACHE": str(tmp_path_factory.mktemp("cache")), "PYTHONHASHSEED": "0"}
 
 
 @pytest.fixture

@@ -110,14 +110,14 @@ def test_the_fused_graph_equals_the_python_sampling_loop(tmp_path, teacher_file,
 
     out = tmp_path / "fused"
     r = distill_main("export", "onnx", teacher_file, "--out", out, "--fused", "--sampler", "stochastic",
-                     "--steps", "3")
+                     "--steps", "2")
     assert r.returncode == 0, r.stderr
     m = read_manifest(out)
-    assert m["kind"] == "sampler" and m["noise_slots"] == 2 and m["steps"] == 3  # fresh noise on 2 of 3 steps
+    assert m["kind"] == "sampler" and m["noise_slots"] == 1 and m["steps"] == 2  # fresh noise on 1 of 2 steps
     assert m["parity"]["max_rel_err"] <= 1e-4
     assert distill_main("sample", out, "--out", tmp_path / "a", "--seeds", "0-9").returncode == 0
     assert distill_main("sample", teacher_file, "--out", tmp_path / "b", "--seeds", "0-9", "--sampler",
-                        "stochastic", "--steps", "3").returncode == 0
+                        "stochastic", "--steps", "2").returncode == 0
     assert np.abs(_images(tmp_path / "a/samples.npz") - _images(tmp_path / "b/samples.npz")).max() <= 1
     r = distill_main("sample", out, "--out", tmp_path / "c", "--steps", "4")
     assert r.returncode == 2 and "fixed at export" in r.stderr
@@ -129,8 +129,10 @@ def test_a_guided_w_input_student_exports_w_and_its_fused_graph(tmp_path, guided
 
     m = export_onnx(str(guided_student), tmp_path / "g", ExportOptions(), log=lambda *a: None)
     assert m["guided"] and [i["name"] for i in m["graph_info"]["inputs"]] == ["x_t", "t", "labels", "w"]
-    fused = export_onnx(str(guided_student), tmp_path / "gf", ExportOptions(fused=True), log=lambda *a: None)
-    assert fused["noise_slots"] == 0 and fused["parity"]["max_rel_err"] <= 1e-4
+    # two of the card's three steps are enough to show the w input reaching every unrolled step
+    fused = export_onnx(str(guided_student), tmp_path / "gf", ExportOptions(fused=True, steps=2),
+                        log=lambda *a: None)
+    assert fused["noise_slots"] == 0 and fused["steps"] == 2 and fused["parity"]["max_rel_err"] <= 1e-4
     den, ort_backend = load_denoiser(guided_student), load_backend(tmp_path / "g")
     x, t = torch.randn(5, 1, 8, 8), torch.linspace(0.1, 0.9, 5)
     cond = Cond(torch.arange(5), torch.linspace(0, 2, 5))

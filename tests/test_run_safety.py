@@ -155,7 +155,7 @@ def _train_until_logged(out: Path, extra=()):
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_saves_at_the_end_of_the_step_and_exits_with_its_code(tmp_path, sig, code):
+def test_a_signal_saves_at_the_end_of_the_step_and_exits_with_its_code(tmp_path, sig, code, distill_main):
     out = tmp_path / "run"
     proc = _train_until_logged(out)
     proc.send_signal(sig)
@@ -167,8 +167,8 @@ def test_a_signal_saves_at_the_end_of_the_step_and_exits_with_its_code(tmp_path,
     step = read_metadata(out / "train_state.safetensors")["step"]
     assert step >= 25 and read_metadata(out / "model.safetensors")["step"] == step
     assert not list(out.glob(".*.tmp"))
-    res = _cli("teacher", "train", *TINY_ARGS, "--steps", str(step + 2), "--ckpt-every", "100000", "--out", str(out),
-               "--resume")
+    res = distill_main("teacher", "train", *TINY_ARGS, "--steps", step + 2, "--ckpt-every", 100000, "--out", out,
+                       "--resume")
     assert res.returncode == 0, res.stderr
     assert read_metadata(out / "train_state.safetensors")["step"] == step + 2
 

@@ -9,6 +9,8 @@ sampler and step count, the teacher's default DPM-Solver++(2M) at 20 steps)::
         sampler: dpmpp_2m
         steps: [4, 8, 16, 20]
       - model: mnist-4step           # a student: its card's sampler and steps
+      - model: mnist-1step
+        backends: [eager]            # an entry may name its own backends / precisions (or paths)
     backends: [eager, compile, onnxruntime, onnxruntime-fused]
     precisions: [fp32, bf16, int8]        # or, instead of both: paths: [eager-fp32, compile-bf16, ...]
     batches: [1, 64]
@@ -162,26 +164,7 @@ def build_grid(spec: dict[str, Any], source: str = "the grid") -> Grid:
     if unknown:
         raise UsageError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}; use models, backends, precisions "
                          "(or paths), batches, name")
-    if "paths" in spec and ("backends" in spec or "precisions" in spec):
-        raise UsageError(f"{source}: give either paths (backend-precision pairs) or backends and precisions")
-    if "paths" in spec:
-        pairs = []
-        for path in _list(spec["paths"], "paths", source):
-            backend, _, precision = path.rpartition("-")
-            if backend not in BENCH_BACKENDS or precision not in BENCH_PRECISIONS:
-                raise UsageError(f"{source}: path {path!r}; write BACKEND-PRECISION, e.g. compile-bf16 (backends "
-                                 f"{', '.join(BENCH_BACKENDS)}; precisions {', '.join(BENCH_PRECISIONS)})")
-            pairs.append((backend, precision))
-    else:
-        backends = _list(spec.get("backends", ["eager"]), "backends", source)
-        precisions = _list(spec.get("precisions", ["fp32"]), "precisions", source)
-        for b in backends:
-            if b not in BENCH_BACKENDS:
-                raise UsageError(f"{source}: backend {b!r}; use one of {', '.join(BENCH_BACKENDS)}")
-        for p in precisions:
-            if p not in BENCH_PRECISIONS:
-                raise UsageError(f"{source}: precision {p!r}; use one of {', '.join(BENCH_PRECISIONS)}")
-        pairs = [(b, p) for b in backends for p in precisions]
+    pairs = _pairs(spec, source)
     batches = _list(spec.get("batches", [1, 64]), "batches", source, int)
     if any(b < 1 for b in batches):
         raise UsageError(f"{source}: batch sizes must be at least 1 (got {batches})")
@@ -190,10 +173,13 @@ def build_grid(spec: dict[str, Any], source: str = "the grid") -> Grid:
         entry = {"model": entry} if isinstance(entry, str) else entry
         if not isinstance(entry, dict) or "model" not in entry:
             raise UsageError(f"{source}: each models entry needs 'model' (a shipped name, file or run folder)")
-        bad = set(entry) - {"model", "sampler", "samplers", "steps", "guidance"}
+        bad = set(entry) - {"model", "sampler", "samplers", "steps", "guidance", "backends", "precisions", "paths"}
         if bad:
             raise UsageError(f"{source}: model entry {entry['model']}: unknown key(s) {', '.join(sorted(bad))}")
         model = str(entry["model"])
+        own = {k: entry[k] for k in ("backends", "precisions", "paths") if k in entry}
+        inherit = {} if "paths" in own else {k: spec[k] for k in ("backends", "precisions") if k in spec}
+        model_pairs = _pairs({**inherit, **own}, f"{source}: model entry {model}") if own else pairs
         meta = source_metadata(model)  # fails with one line for a missing model
         samplers = _list(entry.get("samplers", entry.get("sampler", [None])), "samplers", source,
                          lambda s: s if s is None else str(s))
@@ -210,7 +196,7 @@ def build_grid(spec: dict[str, Any], source: str = "the grid") -> Grid:
                     w = card_guidance(meta, g)
                     if not math.isfinite(w):
                         raise UsageError(f"{source}: guidance {g!r} must be a finite number")
-                    for backend, precision in pairs:
+                    for backend, precision in model_pairs:
                         why = _cannot(backend, precision, k)
                         if why:
                             point = f"{backend}-{precision}" + (f" of {model} {s}-{k}" if backend in why else "")
@@ -227,6 +213,31 @@ def build_grid(spec: dict[str, Any], source: str = "the grid") -> Grid:
     if not unique:
         raise UsageError(f"{source}: no runnable configuration ({'; '.join(f'{p}: {w}' for p, w in skipped)})")
     return Grid(unique, skipped)
+
+
+def _pairs(spec: dict[str, Any], source: str) -> list[tuple[str, str]]:
+    """The (backend, precision) pairs of a grid, or of one model entry that names its own: ``paths``, or every
+    backend with every precision."""
+    if "paths" in spec and ("backends" in spec or "precisions" in spec):
+        raise UsageError(f"{source}: give either paths (backend-precision pairs) or backends and precisions")
+    if "paths" in spec:
+        pairs = []
+        for path in _list(spec["paths"], "paths", source):
+            backend, _, precision = path.rpartition("-")
+            if backend not in BENCH_BACKENDS or precision not in BENCH_PRECISIONS:
+                raise UsageError(f"{source}: path {path!r}; write BACKEND-PRECISION, e.g. compile-bf16 (backends "
+                                 f"{', '.join(BENCH_BACKENDS)}; precisions {', '.join(BENCH_PRECISIONS)})")
+            pairs.append((backend, precision))
+        return pairs
+    backends = _list(spec.get("backends", ["eager"]), "backends", source)
+    precisions = _list(spec.get("precisions", ["fp32"]), "precisions", source)
+    for b in backends:
+        if b not in BENCH_BACKENDS:
+            raise UsageError(f"{source}: backend {b!r}; use one of {', '.join(BENCH_BACKENDS)}")
+    for p in precisions:
+        if p not in BENCH_PRECISIONS:
+            raise UsageError(f"{source}: precision {p!r}; use one of {', '.join(BENCH_PRECISIONS)}")
+    return [(b, p) for b in backends for p in precisions]
 
 
 def _cannot(backend: str, precision: str, steps: int) -> str | None:

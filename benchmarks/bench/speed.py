@@ -27,6 +27,7 @@ import logging
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 
 from benchmarks.bench.grid import Config, Grid, model_digest
+from distill.errors import UsageError
 from distill.hardware import cpu_info
 
 LOG = logging.getLogger("distill")  # progress lines: the CLI prints them, a library caller configures logging
@@ -177,6 +179,55 @@ def export_for(model: str, backend: str, precision: str, sampler: str, steps: in
     return folder
 
 
+def export_matches(manifest: dict, c: Config, sha256: str) -> bool:
+    """Whether the ONNX export with ``manifest`` is the graph configuration ``c`` runs: the same model file, the
+    precision, the per-step graph (onnxruntime) or a fused sampler of ``c``'s sampler and steps
+    (onnxruntime-fused), a w input where ``c`` guides, and INT8 ranges meant for the backend the benchmark uses."""
+    from export.precision import Int8Options
+
+    if manifest.get("source", {}).get("sha256") != sha256 or manifest.get("precision") != c.precision:
+        return False
+    if c.backend == "onnxruntime-fused":
+        shape = manifest.get("kind") == "sampler" and (manifest.get("sampler"), manifest.get("steps")) == (c.sampler,
+                                                                                                         c.steps)
+    else:
+        shape = manifest.get("kind") == "denoiser"
+    return shape and not (c.guidance and not manifest.get("guided")) and \
+        manifest.get("target", "any") in ("any", Int8Options().target)
+
+
+def adopt_exports(configs: list[Config], exports: Path, folders: list[str | Path]) -> list[str]:
+    """Run the given ONNX exports (a recipe's, made with its own options) for the configurations they match
+    instead of exporting again: each is linked where :func:`export_folder` looks. Returns one line per adoption."""
+    from distill.checkpoint import file_sha256, resolve_model_path
+    from export.artifact import is_artifact
+
+    found = []
+    for f in map(Path, folders):
+        manifest = json.loads((f / "manifest.json").read_text()) if (f / "manifest.json").is_file() else None
+        if manifest is None or not is_artifact(f):
+            raise UsageError(f"--use-exports {f}: not an export folder; pass folders made by distill export onnx")
+        found.append((f, manifest))
+    lines, digests = [], {}
+    for c in configs:
+        dest = export_folder(c.model, c.backend, c.precision, c.sampler, c.steps, exports)
+        if dest is None:
+            continue
+        if c.model not in digests:
+            digests[c.model] = file_sha256(resolve_model_path(c.model))
+        match = next((f for f, m in found if export_matches(m, c, digests[c.model])), None)
+        if match is None or (dest.is_symlink() and dest.resolve() == match.resolve()):
+            continue
+        if dest.is_symlink() or dest.is_file():
+            dest.unlink()
+        elif dest.exists():
+            shutil.rmtree(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.symlink_to(os.path.relpath(match.resolve(), dest.parent.resolve()), target_is_directory=True)
+        lines.append(f"{c.backend}-{c.precision} of {c.model}: runs the export {match}")
+    return lines
+
+
 def make_exports(configs: list[Config], exports: str) -> None:
     """The ONNX exports ``configs`` run, made where missing."""
     for c in configs:
@@ -278,13 +329,25 @@ def _sample_call(f, c: Config, seeds: list[int], cond, device: str) -> Callable[
                             device=device, timesteps=timesteps)
 
 
+def _with_environment(env: dict[str, str], fn, *args):
+    os.environ.clear()
+    os.environ.update(env)
+    return fn(*args)
+
+
 def isolated(fn, *args):
-    """``fn(*args)`` in a fresh spawned process (see the module's note)."""
+    """``fn(*args)`` in a fresh process (see the module's note), with this process's environment as it is now.
+
+    The process is forked from a server process that imported torch and this module once and never ran an
+    operation (so it holds no thread pool to inherit): a fresh process costs milliseconds, not the seconds of
+    starting an interpreter and importing torch (about 3 s on a 2-core machine, once per group and pass)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["benchmarks.bench.speed"])
+    with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        return pool.submit(_with_environment, dict(os.environ), fn, *args).result()
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -29,7 +29,7 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from distill.app.gates import GATE_KINDS, Gate
-from distill.app.stages.base import StageConfig, describe_error, field_path
+from distill.app.stages.base import StageConfig, as_list, describe_error, field_path
 from distill.app.stages.bench import BenchConfig, ModelEntry
 from distill.app.stages.export import ExportConfig, TensorRTConfig
 from distill.app.stages.train import ConsistencyConfig, ProgressiveConfig, TeacherConfig
@@ -56,6 +56,7 @@ class Entry:
     kind: str
     config: StageConfig
     needs: list[str] = field(default_factory=list)
+    where: str = ""  # its key path in the recipe (stages[1]), named by errors the stage raises when it runs
 
 
 @dataclass
@@ -211,7 +212,7 @@ def load_recipe(path: Path | str, overrides: tuple[str, ...] = (), out: Path | N
     if isinstance(t, dict):
         _check_keys(source, t, _fields(TeacherConfig), "teacher")
         cfg = _validate(source, "teacher", TeacherConfig.build, with_defaults(TeacherConfig, t))
-        teacher: Entry | str = Entry(TEACHER, "teacher", cfg)
+        teacher: Entry | str = Entry(TEACHER, "teacher", cfg, where="teacher")
         known[TEACHER] = str(planned_model(teacher, out / TEACHER))
     elif isinstance(t, str) and t.strip():
         teacher = t
@@ -247,7 +248,7 @@ def load_recipe(path: Path | str, overrides: tuple[str, ...] = (), out: Path | N
         model, parent = _ref(source, f"{where}.teacher", values.get("teacher", TEACHER), known, "a teacher")
         values["teacher"] = model
         cfg = _validate(source, where, cls.build, with_defaults(cls, values))
-        entry = Entry(n, kind, cfg, [parent] if parent else [])
+        entry = Entry(n, kind, cfg, [parent] if parent else [], where)
         stages.append(entry)
         known[n] = str(planned_model(entry, out / n))
 
@@ -266,7 +267,7 @@ def load_recipe(path: Path | str, overrides: tuple[str, ...] = (), out: Path | N
         else:
             values["source"], parent = _ref(source, f"{where}.source", values.get("source"), exports, "an export")
         cfg = _validate(source, where, cls.build, with_defaults(cls, values))
-        export_entries.append(Entry(n, kind, cfg, [parent] if parent else []))
+        export_entries.append(Entry(n, kind, cfg, [parent] if parent else [], where))
         exports[n] = str(out / n)
 
     bench = None
@@ -281,8 +282,17 @@ def load_recipe(path: Path | str, overrides: tuple[str, ...] = (), out: Path | N
             models.append({**m, "model": model})
             needs += [parent] if parent else []
         b["models"] = models
+        if "use_exports" in b:  # export names (or folders) given: those
+            named = [_ref(source, f"benchmark.use_exports[{i}]", v, exports, "an export")
+                     for i, v in enumerate(as_list(b["use_exports"]) or [])]
+            b["use_exports"] = [folder for folder, _ in named]
+            needs += [n for _, n in named if n]
+        else:  # by default the benchmark runs the recipe's own ONNX exports of its models
+            used = [e for e in export_entries if e.kind == "export" and e.config.model in {m["model"] for m in models}]
+            b["use_exports"] = [exports[e.name] for e in used]
+            needs += [e.name for e in used]
         cfg = _validate(source, "benchmark", BenchConfig.build, with_defaults(BenchConfig, b))
-        bench = Entry("bench", "benchmark", cfg, needs)
+        bench = Entry("bench", "benchmark", cfg, needs, "benchmark")
 
     gates = []
     adapter = TypeAdapter(Gate)

@@ -30,9 +30,9 @@ import yaml
 
 from distill.app.manifest import file_digest, git_revision, machine, now, path_digest, read_json, versions, write_json
 from distill.app.plan import commands, run_entry
-from distill.app.recipe import Entry, Recipe
-from distill.app.stages.base import StageResult, log
-from distill.errors import DistillError, UsageError
+from distill.app.recipe import Entry, Recipe, RecipeError
+from distill.app.stages.base import StageResult, log, options_error
+from distill.errors import ConfigError, DistillError, UsageError
 
 RECORD, KEY_FILE, MANIFEST, GATES = "stage.json", ".stage-key", "manifest.json", "gates.json"
 RUN_FORMAT = "distill.run/1"
@@ -57,7 +57,7 @@ class RunSummary:
 def _inputs(entry: Entry) -> list[str]:
     cfg = entry.config
     if entry.kind == "benchmark":
-        return [m.model for m in cfg.models]
+        return [m.model for m in cfg.models] + list(cfg.use_exports)
     return [getattr(cfg, f) for f in type(cfg).inputs if getattr(cfg, f, None)]
 
 
@@ -165,7 +165,7 @@ def run_recipe(recipe: Recipe, out: Path, *, progress: bool = True) -> RunSummar
                 log.info(f"{tag}: done earlier, cached ({folder})")
                 status = "cached"
             else:
-                record = _run_stage(entry, folder, key, inputs, tag, progress)
+                record = _run_stage(entry, folder, key, inputs, tag, progress, recipe.source)
                 status = "ran"
             made.update(_made_by(record, entry, recipe, out))
             keys[entry.name] = key
@@ -180,8 +180,20 @@ def run_recipe(recipe: Recipe, out: Path, *, progress: bool = True) -> RunSummar
     return summary
 
 
+def stage_error(e: UsageError, entry: Entry, source: str) -> RecipeError:
+    """A stage's own check failing while it runs (its data, its teacher): the message naming the recipe's key path
+    and keys where the library wrote command-line flags (``--data digits: ...`` -> ``recipe.yaml: teacher.data:
+    ...``)."""
+    if isinstance(e, RecipeError):
+        return e
+    if not isinstance(e, ConfigError):
+        e = options_error(e, type(entry.config))
+    where = f"{entry.where}.{e.field}" if e.field in type(entry.config).model_fields else entry.where
+    return RecipeError(f"{source}: {where}: {e.message}" if where else f"{source}: {e.message}")
+
+
 def _run_stage(entry: Entry, folder: Path, key: str, inputs: dict[str, str], tag: str,
-               progress: bool) -> dict[str, Any]:
+               progress: bool, source: str) -> dict[str, Any]:
     from distill.checkpoint import atomic_write
 
     if folder.exists() and (not (folder / KEY_FILE).is_file() or (folder / KEY_FILE).read_text().strip() != key):
@@ -200,7 +212,10 @@ def _run_stage(entry: Entry, folder: Path, key: str, inputs: dict[str, str], tag
     try:
         log.info(f"{tag}: {'resuming' if resumed else 'running'}: {cmds[0]}")
         start, started = time.perf_counter(), now()
-        result = run_entry(entry, folder, progress=progress)
+        try:
+            result = run_entry(entry, folder, progress=progress)
+        except UsageError as e:
+            raise stage_error(e, entry, source) from None
         seconds = round(time.perf_counter() - start, 1)
     finally:
         log.removeHandler(handler)

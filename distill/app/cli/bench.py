@@ -54,6 +54,9 @@ def grid_options(command):
         click.option("--exports", type=NonEmptyPath(file_okay=False), default=None,
                      help="Folder of the ONNX exports the onnxruntime configurations run (made once, keyed by the "
                           "model's content hash) [default: OUT/exports]."),
+        click.option("--use-exports", default=None, metavar="DIR[,DIR...]",
+                     help="ONNX export folders (distill export onnx) to run for the onnxruntime configurations they "
+                          "match (same model file, precision, graph kind), instead of exporting again."),
         click.option("--device", default="cpu", help="cpu or cuda[:N]."),
         click.option("--force", is_flag=True, help="Measure again what the folder already holds."),
     ]):

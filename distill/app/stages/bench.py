@@ -25,8 +25,13 @@ class ModelEntry(BaseModel):
     samplers: list[str] | None = None
     steps: list[int] | None = None
     guidance: list[float] | None = None
+    backends: list[str] | None = None  # [default: the grid's]
+    precisions: list[str] | None = None  # [default: the grid's]
 
     _lists = field_validator("samplers", "steps", "guidance", mode="before")(lambda cls, v: as_list(v))
+    _backends = field_validator("backends", mode="before")(lambda cls, v: None if v is None else name_list(v, BACKENDS))
+    _precisions = field_validator("precisions", mode="before")(
+        lambda cls, v: None if v is None else name_list(v, PRECISIONS))
 
 
 class GridFields(StageConfig):
@@ -39,6 +44,7 @@ class GridFields(StageConfig):
     batches: list[int] = Field(default_factory=lambda: [1, 64])
     device: str = "cpu"
     exports: str | None = None  # the folder of the benchmark's own ONNX exports [default: OUT/exports]
+    use_exports: list[str] = Field(default_factory=list)  # export folders to run where they match a configuration
     force: bool = False  # measure again what the folder already holds
 
     @field_validator("models", mode="before")
@@ -46,7 +52,7 @@ class GridFields(StageConfig):
     def _models(cls, v):
         return [{"model": m} if isinstance(m, str) else m for m in as_list(v) or []]
 
-    _lists = field_validator("batches", mode="before")(lambda cls, v: as_list(v))
+    _lists = field_validator("batches", "use_exports", mode="before")(lambda cls, v: as_list(v))
     _backends = field_validator("backends", mode="before")(lambda cls, v: name_list(v, BACKENDS))
     _precisions = field_validator("precisions", mode="before")(lambda cls, v: name_list(v, PRECISIONS))
 
@@ -60,15 +66,24 @@ class GridFields(StageConfig):
             raise ConfigError("batches", f"{self.batches}: batch sizes must be at least 1")
         return self
 
-    def load_grid(self):
-        """The parsed grid (every model is loaded and every name checked)."""
+    def load_grid(self, out: Path | None = None):
+        """The parsed grid (every model is loaded and every name checked); with ``out``, the ``use_exports``
+        folders are linked where the configurations they match look for their export."""
         from benchmarks.bench.grid import build_grid, load_grid
 
         if self.grid:
-            return load_grid(self.grid)
-        spec = {"models": [m.model_dump(exclude_none=True) for m in self.models], "backends": list(self.backends),
-                "precisions": list(self.precisions), "batches": list(self.batches)}
-        return build_grid(spec, "the grid")
+            grid = load_grid(self.grid)
+        else:
+            spec = {"models": [m.model_dump(exclude_none=True) for m in self.models],
+                    "backends": list(self.backends), "precisions": list(self.precisions),
+                    "batches": list(self.batches)}
+            grid = build_grid(spec, "the grid")
+        if out is not None and self.use_exports:
+            from benchmarks.bench.speed import adopt_exports
+
+            for line in adopt_exports(grid.configs, Path(self.exports or Path(out) / "exports"), self.use_exports):
+                log.info(line)
+        return grid
 
     def command(self, out: Path | str | None = None) -> str:
         """The equivalent command line: one per model entry when the entries choose their own samplers or steps
@@ -76,8 +91,6 @@ class GridFields(StageConfig):
         import shlex
 
         base = shlex.split(super().command(out, skip=("models", "backends", "precisions", "batches", "grid")))
-        grid = ["--backends", ",".join(self.backends), "--precisions", ",".join(self.precisions), "--batches",
-                ",".join(map(str, self.batches))]
         if self.grid:
             return shlex.join(base + ["--grid", self.grid])
         lines = []
@@ -86,7 +99,9 @@ class GridFields(StageConfig):
             for name, values in (("--samplers", m.samplers), ("--steps", m.steps), ("--guidance", m.guidance)):
                 if values:
                     args += [name, ",".join(map(str, values))]
-            lines.append(shlex.join(base + args + grid))
+            args += ["--backends", ",".join(m.backends or self.backends), "--precisions",
+                     ",".join(m.precisions or self.precisions), "--batches", ",".join(map(str, self.batches))]
+            lines.append(shlex.join(base + args))
         return " && ".join(lines)
 
 
@@ -114,7 +129,7 @@ def run_bench_quality(cfg: QualityConfig, out: Path) -> StageResult:
     from benchmarks.bench.quality import run_quality
     from benchmarks.evaluate import default_data
 
-    grid = cfg.load_grid()
+    grid = cfg.load_grid(out)
     data = cfg.data or default_data(grid.configs[0].model)
     if data is None:
         raise ConfigError("data", f"{grid.configs[0].model}: cannot tell which real data to compare against; give "
@@ -145,7 +160,7 @@ class SpeedConfig(GridFields):
 def run_bench_speed(cfg: SpeedConfig, out: Path) -> StageResult:
     from benchmarks.bench.speed import run_speed
 
-    grid = cfg.load_grid()
+    grid = cfg.load_grid(out)
     _log_skipped(grid)
     rows = run_speed(grid, Path(out), device=cfg.device, threads=cfg.threads, repeats=cfg.repeats,
                      max_seconds=cfg.max_seconds, rounds=cfg.rounds, force=cfg.force,
