@@ -21,6 +21,7 @@ Both leave the layers Model Optimizer's diffusers recipe leaves in higher precis
 from __future__ import annotations
 
 import fnmatch
+import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -195,6 +196,11 @@ def step_ranges(model_path: Path, calib: CalibrationSet, percentile: float, work
     return out
 
 
+class _DropAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Please consider")
+
+
 def to_int8(model_path: Path, out_path: Path, calib: CalibrationSet, opts: Int8Options, workdir: Path) -> dict:
     """Quantize ``model_path`` (fp32 ONNX) to a Q/DQ graph at ``out_path``; returns what was done, for the
     manifest."""
@@ -231,10 +237,15 @@ def to_int8(model_path: Path, out_path: Path, calib: CalibrationSet, opts: Int8O
         extra.update({"CalibMovingAverage": True, "CalibMovingAverageConstant": 0.01})
     if name == "step-percentile":
         extra["TensorQuantOverrides"] = step_ranges(model_path, calib, opts.step_percentile, workdir)
-    quantize_static(str(model_path), str(out_path), _Reader(calib), quant_format=QuantFormat.QDQ,
-                    activation_type=act, weight_type=QuantType.QInt8, per_channel=True,
-                    op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_exclude=exclude, calibrate_method=method,
-                    extra_options=extra)
+    advice = _DropAdvice()  # ONNX Runtime's "consider pre-processing" lines on the root logger, at every call
+    logging.getLogger().addFilter(advice)
+    try:
+        quantize_static(str(model_path), str(out_path), _Reader(calib), quant_format=QuantFormat.QDQ,
+                        activation_type=act, weight_type=QuantType.QInt8, per_channel=True,
+                        op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_exclude=exclude,
+                        calibrate_method=method, extra_options=extra)
+    finally:
+        logging.getLogger().removeFilter(advice)
     quantized = onnx.load(str(out_path))
     counts = {op: sum(n.op_type == op for n in quantized.graph.node) for op in ("QuantizeLinear", "DequantizeLinear")}
     return {**opts.record(), "method_used": name, "excluded_nodes": exclude, "activation_type": act.name,

@@ -154,6 +154,9 @@ def test_int8_quantizes_with_trajectory_calibration_and_keeps_the_excluded_layer
     made = {"cpu": read_manifest(cpu_dir)}
     opts = ExportOptions(precision="int8", int8=Int8Options(target="tensorrt", samples=4))
     made["tensorrt"] = export_onnx(str(teacher_file), tmp_path / "tensorrt", opts, log=lambda *a: None)
+    # the fp32 graph of the same model and signature is traced once per process, then reused (same bytes)
+    assert made["tensorrt"]["export"].get("traced_earlier_in_process")
+    assert made["tensorrt"]["export"]["nodes"] == made["cpu"]["export"]["nodes"]
     m = made["cpu"]["int8"]
     assert m["calibration_set"]["source"] == "trajectory" and m["calibration_inputs"] == 4 * 20  # 4 x 20 steps
     assert m["method"] == "auto" and m["method_used"] == "minmax"  # the per-step graph's measured best
