@@ -17,11 +17,11 @@ class CliRun(NamedTuple):
     stderr: str
 
 
-# The slowest modules first (seconds on the 2-core AVX2 EPYC, serial): the suite runs on two workers, one module
-# at a time each (pyproject: -n 2 --dist loadfile), and starting the long ones first keeps one worker from running
-# a long module alone at the end
-SLOW_MODULES = ("test_recipe_kills", "test_export", "test_recipes", "test_bench", "test_run_safety",
-                "test_export_ready", "test_metrics")
+# The slowest modules first: the suite runs on two workers, one module at a time each, in this order (pyproject:
+# -n 2 --dist loadfile --no-loadscope-reorder); starting the long ones first keeps one worker from running a long
+# module alone at the end
+SLOW_MODULES = ("test_recipe_kills", "test_export", "test_recipes", "test_bench", "test_run_safety", "test_metrics",
+                "test_core_math", "test_export_ready", "test_train_cli", "test_consistency", "test_progressive")
 
 
 def pytest_collection_modifyitems(config, items):
