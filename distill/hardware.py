@@ -46,7 +46,7 @@ def _cpu_description() -> tuple[str | None, frozenset[str]]:
             if model is not None and flags is not None:
                 break
     except OSError:
-        pass
+        pass  # no /proc/cpuinfo (not Linux): lscpu below, or unknown
     if model is None or flags is None:
         try:
             out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout

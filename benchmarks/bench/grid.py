@@ -24,7 +24,6 @@ fp32 on any backend (the exports' parity checks hold them to 1e-5), and bf16 aut
 
 from __future__ import annotations
 
-import hashlib
 import math
 import shlex
 from dataclasses import asdict, dataclass
@@ -104,16 +103,17 @@ def numerics(backend: str, precision: str) -> str:
 
 
 @cache
+def model_sha256(model: str) -> str:
+    """The sha256 of the model file (what an export's manifest records as its source)."""
+    from distill.checkpoint import file_sha256, resolve_model_path
+
+    return file_sha256(resolve_model_path(model))
+
+
 def model_digest(model: str) -> str:
     """A short content hash of the model file: cached samples and exports are keyed by it, so a changed model
     is measured again."""
-    from distill.checkpoint import resolve_model_path
-
-    h = hashlib.sha256()
-    with open(resolve_model_path(model), "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:12]
+    return model_sha256(model)[:12]
 
 
 def _list(value, name: str, source: str, kind=str) -> list:

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.bench.grid import Config, Grid, model_digest
+from benchmarks.bench.grid import Config, Grid, model_digest, model_sha256
 from distill.errors import UsageError
 from distill.hardware import cpu_info
 
@@ -199,7 +199,6 @@ def export_matches(manifest: dict, c: Config, sha256: str) -> bool:
 def adopt_exports(configs: list[Config], exports: Path, folders: list[str | Path]) -> list[str]:
     """Run the given ONNX exports (a recipe's, made with its own options) for the configurations they match
     instead of exporting again: each is linked where :func:`export_folder` looks. Returns one line per adoption."""
-    from distill.checkpoint import file_sha256, resolve_model_path
     from export.artifact import is_artifact
 
     found = []
@@ -208,14 +207,12 @@ def adopt_exports(configs: list[Config], exports: Path, folders: list[str | Path
         if manifest is None or not is_artifact(f):
             raise UsageError(f"--use-exports {f}: not an export folder; pass folders made by distill export onnx")
         found.append((f, manifest))
-    lines, digests = [], {}
+    lines = []
     for c in configs:
         dest = export_folder(c.model, c.backend, c.precision, c.sampler, c.steps, exports)
         if dest is None:
             continue
-        if c.model not in digests:
-            digests[c.model] = file_sha256(resolve_model_path(c.model))
-        match = next((f for f, m in found if export_matches(m, c, digests[c.model])), None)
+        match = next((f for f, m in found if export_matches(m, c, model_sha256(c.model))), None)
         if match is None or (dest.is_symlink() and dest.resolve() == match.resolve()):
             continue
         if dest.is_symlink() or dest.is_file():

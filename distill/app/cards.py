@@ -119,7 +119,7 @@ def shipped_card(model: str, *, table=None, machine: dict[str, Any] | None = Non
     try:  # the repository's relative path of a shipped file, not this checkout's absolute one
         path = path.resolve().relative_to(Path(__file__).resolve().parents[2])
     except ValueError:
-        pass
+        pass  # a file outside the repository keeps its own path
     return model_card(title=model, path=path, card=card, record=record,
                       commands=[meta["command"]] if meta.get("command") else [], machine=machine or {},
                       rows=_rows(table, model), made="by `distill card` from the model file's metadata and the "

@@ -30,7 +30,7 @@ def versions() -> dict[str, str]:
         try:
             out[name] = version(name)
         except PackageNotFoundError:
-            pass
+            pass  # not installed: left out of the record
     return out
 
 

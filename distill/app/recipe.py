@@ -288,7 +288,8 @@ def load_recipe(path: Path | str, overrides: tuple[str, ...] = (), out: Path | N
             b["use_exports"] = [folder for folder, _ in named]
             needs += [n for _, n in named if n]
         else:  # by default the benchmark runs the recipe's own ONNX exports of its models
-            used = [e for e in export_entries if e.kind == "export" and e.config.model in {m["model"] for m in models}]
+            benched = {m["model"] for m in models}
+            used = [e for e in export_entries if e.kind == "export" and e.config.model in benched]
             b["use_exports"] = [exports[e.name] for e in used]
             needs += [e.name for e in used]
         cfg = _validate(source, "benchmark", BenchConfig.build, with_defaults(BenchConfig, b))
