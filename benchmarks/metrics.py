@@ -22,7 +22,6 @@ permutation), so ``B`` against ``A`` is the real-vs-real floor of every distance
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -33,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.errors import UsageError
+from distill.rundir import cache_dir
 
 # torchmetrics warns that KID and IS keep all features in memory: ours are precomputed and small.
 warnings.filterwarnings("ignore", message=r"Metric `(Kernel Inception Distance|InceptionScore)` will save all")
@@ -40,10 +40,6 @@ warnings.filterwarnings("ignore", message=r"Metric `(Kernel Inception Distance|I
 SPLITS = ("A", "B", "all")
 SPLIT_SEED = 0
 IS_SPLITS = 10  # the Inception Score is averaged over this many splits of the samples
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill"))
 
 
 class Precomputed(nn.Module):

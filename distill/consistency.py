@@ -215,7 +215,7 @@ def distill_consistency(teacher_spec: str, out: Path, opts: ConsistencyOptions, 
     )
     from distill.methods.consistency import SIGMA_MIN, ConsistencyLoss
     from distill.models.unet import GUIDANCE_EMBED_PARAMS, UNet
-    from distill.rundir import run_lock
+    from distill.rundir import refuse_if_locked, run_lock
     from distill.training import MODEL_FILE, STATE_FILE, TrainConfig, Trainer
 
     opts.validate()
@@ -224,6 +224,7 @@ def distill_consistency(teacher_spec: str, out: Path, opts: ConsistencyOptions, 
                          "(scorer=benchmarks.scoring.QualityScorer()), or set search_samples to 0")
     opts = opts.resolved()
     out = Path(out)
+    refuse_if_locked(out)
     teacher_path = resolve_model_path(teacher_spec)
     teacher = load_denoiser(teacher_path)
     cd = opts.mode == "cd"

@@ -267,11 +267,12 @@ def distill_progressive(teacher_spec: str, out: Path, opts: ProgressiveOptions, 
     from distill.losses import Loss
     from distill.methods.progressive import GuidanceLoss, ProgressiveLoss
     from distill.models.unet import GUIDANCE_EMBED_PARAMS
-    from distill.rundir import remove_stale_temp_files, run_lock
+    from distill.rundir import refuse_if_locked, remove_stale_temp_files, run_lock
     from distill.training import MODEL_FILE, STATE_FILE, TrainConfig, Trainer
 
     opts.validate()
     out = Path(out)
+    refuse_if_locked(out)
     teacher_path = resolve_model_path(teacher_spec)
     teacher = load_denoiser(teacher_path)
     plan = guidance_plan(teacher, teacher_spec, opts.guidance_range, opts.guidance)

@@ -1,4 +1,4 @@
-"""Run directories: one writer at a time (a lock), and no debris from a killed write.
+"""Run directories: one writer at a time (a lock), and no debris from a killed write; the cache folder.
 
 A training run (and later a recipe stage) owns its directory while it runs. The lock is an advisory ``flock`` on
 ``DIR/.lock``, released by the kernel when the process dies however it dies, so a crashed run never leaves a stale
@@ -18,6 +18,12 @@ from distill.errors import UsageError
 LOCK_FILE = ".lock"
 
 
+def cache_dir() -> Path:
+    """Where what is computed once is kept (reference features, the exported FID network, traced ONNX graphs):
+    ``$DISTILL_CACHE``, by default ``~/.cache/distill``."""
+    return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill"))
+
+
 @contextmanager
 def run_lock(out: Path) -> Iterator[None]:
     """Hold ``out``'s lock for the duration of the block; a second holder gets a one-line UsageError."""
@@ -33,14 +39,36 @@ def run_lock(out: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            raise UsageError(f"{out}: another distill run (pid {holder}) is writing here; wait for it to finish, "
-                             "stop it, or choose another --out") from None
+            raise _held(out, fd) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def _held(out: Path, fd: int) -> UsageError:
+    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+    return UsageError(f"{out}: another distill run (pid {holder}) is writing here; wait for it to finish, stop it, "
+                      "or choose another --out")
+
+
+def refuse_if_locked(out: Path) -> None:
+    """Fail fast, before a run loads its data and models, when another process holds ``out``'s lock (the run
+    still takes the lock itself before it writes; this creates nothing)."""
+    import fcntl
+
+    try:
+        fd = os.open(Path(out) / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return  # no lock file: nobody has run here
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _held(Path(out), fd) from None
+    finally:
+        os.close(fd)
 
 
 def remove_stale_temp_files(out: Path) -> list[Path]:

@@ -9,8 +9,12 @@ from the model's own sampling trajectories at batch 1, 7 and 64 before the folde
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import logging
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -188,21 +192,82 @@ def fused_parity(fused: FusedSampler, session, batches: tuple[int, ...], guidanc
     return out
 
 
-# fp32 graphs this process has traced: (model sha256, graph kind, signature, sampler, timesteps, shape) -> (the ONNX
-# file's bytes, the export record). The dynamo exporter is deterministic (the same bytes for the same module) and
-# slow (about 10 s for the 8x8 test model, 15-20 s for the MNIST one on a 2-core EPYC), and a recipe exports one
-# model at several precisions: each is traced once. Only single-file graphs, the most recent few.
+# fp32 graphs traced before: (model sha256, graph kind, signature, sampler, timesteps, shape) -> the ONNX file's
+# bytes and its export record. The dynamo exporter is deterministic (the same bytes for the same module) and slow
+# (about 10 s for the 8x8 test model, 15-20 s for the MNIST one on a 2-core EPYC), and a model is often exported
+# more than once (fp32 then INT8, a recipe's INT8 export rerun with other calibration settings, a killed run
+# resumed). Kept in this process (the most recent few) and under $DISTILL_CACHE/onnx-graphs (the most recent
+# _GRAPH_FILES), keyed there also by the code that shapes a graph (the torch, onnxscript and onnx versions and the
+# source of the distill and export packages), so a changed model class or exporter never reuses an old trace.
+# Only single-file graphs.
 _FP32_GRAPHS: dict[tuple, tuple[bytes, dict]] = {}
-_GRAPH_MEMO_SIZE, _GRAPH_MEMO_BYTES = 4, 256 * 2**20
+_GRAPH_MEMO_SIZE, _GRAPH_MEMO_BYTES, _GRAPH_FILES = 4, 256 * 2**20, 16
+IN_PROCESS = "this process"
+
+
+@functools.cache
+def _code_fingerprint() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    h = hashlib.sha256()
+    for lib in ("torch", "onnxscript", "onnx"):
+        try:
+            h.update(f"{lib}={version(lib)};".encode())
+        except PackageNotFoundError:
+            h.update(f"{lib}=?;".encode())
+    root = Path(__file__).resolve().parents[1]
+    for package in ("distill", "export"):
+        for src in sorted((root / package).rglob("*.py")):
+            h.update(src.relative_to(root).as_posix().encode() + b"\0" + src.read_bytes())
+    return h.hexdigest()
+
+
+def _graph_file(key: tuple) -> Path:
+    from distill.rundir import cache_dir
+
+    name = hashlib.sha256(f"{key!r}|{_code_fingerprint()}".encode()).hexdigest()[:32]
+    return cache_dir() / "onnx-graphs" / f"{name}.onnx"
+
+
+def recall_graph(key: tuple) -> tuple[bytes, dict, str] | None:
+    """The graph of ``key`` traced earlier, its record and where it was kept; None when it must be traced."""
+    if key in _FP32_GRAPHS:
+        return (*_FP32_GRAPHS[key], IN_PROCESS)
+    path = _graph_file(key)
+    try:
+        record = json.loads(path.with_suffix(".json").read_text())
+        graph = path.read_bytes()
+    except (OSError, ValueError):
+        return None
+    if record.get("graph_sha256") != hashlib.sha256(graph).hexdigest():  # a damaged or foreign file: trace again
+        return None
+    os.utime(path)  # recently used: kept longest
+    return graph, record["export"], str(path)
 
 
 def remember_graph(key: tuple, path: Path, record: dict) -> None:
+    """Keep a traced fp32 graph for later exports of the same model (in this process and on disk)."""
     if record.get("external_data") or path.stat().st_size > _GRAPH_MEMO_BYTES:
         return
+    graph = path.read_bytes()
     _FP32_GRAPHS.pop(key, None)
-    _FP32_GRAPHS[key] = (path.read_bytes(), dict(record))
+    _FP32_GRAPHS[key] = (graph, dict(record))
     while len(_FP32_GRAPHS) > _GRAPH_MEMO_SIZE:
         _FP32_GRAPHS.pop(next(iter(_FP32_GRAPHS)))
+    from distill.checkpoint import atomic_write
+
+    target = _graph_file(key)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(target, lambda tmp: Path(tmp).write_bytes(graph))  # the graph first: the record commits it
+        atomic_write(target.with_suffix(".json"), lambda tmp: Path(tmp).write_text(
+            json.dumps({"key": repr(key), "graph_sha256": hashlib.sha256(graph).hexdigest(), "export": record})))
+        kept = sorted(target.parent.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in kept[_GRAPH_FILES:]:
+            old.with_suffix(".json").unlink(missing_ok=True)
+            old.unlink(missing_ok=True)
+    except (OSError, UsageError) as e:  # an unwritable cache only costs the next export a trace
+        LOG.debug(f"not keeping the traced graph in {target.parent}: {e}")
 
 
 def export_onnx(model: str, out: Path, opts: ExportOptions, *, command: str = "", log=LOG.info) -> dict:
@@ -241,11 +306,13 @@ def export_onnx(model: str, out: Path, opts: ExportOptions, *, command: str = ""
         fp32 = stage / ("model.onnx" if opts.precision == "fp32" else "fp32.onnx")
         key = (manifest["source"]["sha256"], manifest["kind"], labels, guided, manifest.get("sampler"),
                tuple(manifest.get("timesteps", ())), shape)
-        if key in _FP32_GRAPHS:  # the same graph traced earlier in this process (an fp32 and an INT8 export)
-            log(f"exporting {model} ({manifest['kind']} graph): the fp32 graph traced earlier in this process")
-            graph, record = _FP32_GRAPHS[key]
+        earlier = recall_graph(key)
+        if earlier:  # the same graph traced before (an fp32 and an INT8 export, a rerun)
+            graph, record, where = earlier
+            log(f"exporting {model} ({manifest['kind']} graph): the fp32 graph traced earlier "
+                f"({'in this process' if where == IN_PROCESS else 'kept in ' + where})")
             fp32.write_bytes(graph)
-            manifest["export"] = {**record, "export_seconds": 0.0, "traced_earlier_in_process": True}
+            manifest["export"] = {**record, "export_seconds": 0.0, "trace_reused_from": where}
         else:
             log(f"exporting {model} ({manifest['kind']} graph, inputs {', '.join(module.input_names)}) ...")
             manifest["export"] = onnx_export(module, example, module.input_names, output, fp32)

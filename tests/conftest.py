@@ -9,6 +9,12 @@ import pytest
 # inductor compiles in the test's own process: starting its pool of compile workers (fresh interpreters importing
 # torch) costs more than the tests' tiny graphs take to compile
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+# Two workers on two cores: the subprocesses a test starts (distill commands, recipes) run one torch thread too,
+# unless the test gives its own count. A second thread beside the other worker's oversubscribes the cores, and
+# spinning OpenMP threads then cost a third more CPU time (measured on the 2-core EPYC: a micro recipe 27 s user
+# time at one thread against 39 s at two, beside a busy worker)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 class CliRun(NamedTuple):
@@ -20,8 +26,9 @@ class CliRun(NamedTuple):
 # The slowest modules first: the suite runs on two workers, one module at a time each, in this order (pyproject:
 # -n 2 --dist loadfile --no-loadscope-reorder); starting the long ones first keeps one worker from running a long
 # module alone at the end
-SLOW_MODULES = ("test_recipe_kills", "test_export", "test_recipes", "test_bench", "test_run_safety", "test_metrics",
-                "test_core_math", "test_export_ready", "test_train_cli", "test_consistency", "test_progressive")
+SLOW_MODULES = ("test_recipe_kills", "test_export", "test_recipes", "test_metrics", "test_core_math", "test_run_safety",
+                "test_bench", "test_export_ready", "test_train_cli", "test_progressive", "test_consistency",
+                "test_data_model")
 
 
 def pytest_collection_modifyitems(config, items):

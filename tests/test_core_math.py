@@ -113,8 +113,8 @@ def test_deterministic_samplers_reproduce_gaussian_moments(sampler, steps, sched
 def test_ddpm_ancestral_matches_moments_within_sampling_error():
     mu, cov = example_gaussian()
     schedule = CosineSchedule()
-    n = 5000  # ancestral steps draw per-sample noise, so this test costs n * steps generator calls
-    x = generate(GaussianDenoiser(schedule, mu, cov), (3,), range(n), sampler="ddpm", steps=256, dtype=torch.float64)
+    n = 2500  # ancestral steps draw per-sample noise, so this test costs n * steps generator calls
+    x = generate(GaussianDenoiser(schedule, mu, cov), (3,), range(n), sampler="ddpm", steps=128, dtype=torch.float64)
     m, c = _moments(x)
     # Standard errors of a mean and a covariance entry from n samples.
     se_mean = (torch.diag(cov) / n).sqrt()

@@ -18,6 +18,22 @@ def test_digits_dataset_is_scaled_and_labelled():
     assert d.num_classes == 10 and sorted(d.labels.unique().tolist()) == list(range(10))
 
 
+def test_digits_are_scikit_learns_read_without_importing_it():
+    """The CSV read directly (no scikit-learn import in the process) is exactly what scikit-learn's loader returns."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from distill.data import _digits_arrays
+
+    images, target = _digits_arrays()
+    ref = load_digits()
+    assert np.array_equal(images, ref.images) and np.array_equal(target, ref.target)
+    probe = "import sys; from distill.data import load_dataset; load_dataset('digits'); print('sklearn' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"
+
+
 def test_mnist_dataset_is_padded_to_32():
     d = load_dataset("mnist")
     assert d.images.shape == (5000, 1, 32, 32)

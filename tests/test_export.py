@@ -4,6 +4,7 @@ fused sampler graph, TensorRT preparation, every backend behind one protocol, an
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,7 +156,7 @@ def test_int8_quantizes_with_trajectory_calibration_and_keeps_the_excluded_layer
     opts = ExportOptions(precision="int8", int8=Int8Options(target="tensorrt", samples=4))
     made["tensorrt"] = export_onnx(str(teacher_file), tmp_path / "tensorrt", opts, log=lambda *a: None)
     # the fp32 graph of the same model and signature is traced once per process, then reused (same bytes)
-    assert made["tensorrt"]["export"].get("traced_earlier_in_process")
+    assert made["tensorrt"]["export"].get("trace_reused_from") == "this process"
     assert made["tensorrt"]["export"]["nodes"] == made["cpu"]["export"]["nodes"]
     m = made["cpu"]["int8"]
     assert m["calibration_set"]["source"] == "trajectory" and m["calibration_inputs"] == 4 * 20  # 4 x 20 steps
@@ -170,6 +171,38 @@ def test_int8_quantizes_with_trajectory_calibration_and_keeps_the_excluded_layer
     # the CPU graph (U8 activations) breaks TensorRT's rules; the TensorRT one keeps them
     assert any("UINT8" in v or "zero point" in v for v in qdq_violations(model))
     assert qdq_violations(onnx.load(str(tmp_path / "tensorrt/model.onnx"))) == []
+
+
+def test_a_traced_graph_is_kept_for_the_next_process_and_a_damaged_one_is_traced_again(tmp_path, teacher_file,
+                                                                                        fp32_export, monkeypatch):
+    from distill.rundir import cache_dir
+    from export import onnx as eo
+
+    class Traced(Exception):
+        pass
+
+    def trace(*args):
+        raise Traced
+
+    monkeypatch.setattr(eo, "_FP32_GRAPHS", {})  # as in a fresh process
+    m = eo.export_onnx(str(teacher_file), tmp_path / "again", eo.ExportOptions(), log=lambda *a: None)
+    kept = Path(m["export"]["trace_reused_from"])
+    assert kept.parent == cache_dir() / "onnx-graphs" and kept.with_suffix(".json").is_file()
+    assert (tmp_path / "again" / "model.onnx").read_bytes() == (fp32_export / "model.onnx").read_bytes()
+    assert m["export"]["nodes"] == json.loads((fp32_export / "manifest.json").read_text())["export"]["nodes"]
+    monkeypatch.setattr(eo, "onnx_export", trace)  # from here on a trace would raise
+    good = kept.read_bytes()
+    try:
+        kept.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # damaged: never used, traced again
+        monkeypatch.setattr(eo, "_FP32_GRAPHS", {})
+        with pytest.raises(Traced):
+            eo.export_onnx(str(teacher_file), tmp_path / "damaged", eo.ExportOptions(), log=lambda *a: None)
+    finally:
+        kept.write_bytes(good)
+    monkeypatch.setattr(eo, "_code_fingerprint", lambda: "another version of the model code or the exporter")
+    with pytest.raises(Traced):
+        eo.export_onnx(str(teacher_file), tmp_path / "changed", eo.ExportOptions(), log=lambda *a: None)
+    assert not (tmp_path / "damaged").exists() and not (tmp_path / "changed").exists()
 
 
 def test_a_fused_int8_graph_gets_ranges_per_unrolled_step(tmp_path, teacher_file):

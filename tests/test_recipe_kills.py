@@ -18,7 +18,7 @@ from test_recipes import ROOT, final_state, run_cli, write
 # A smaller recipe still for what reruns a stage many times (the kill matrix, a changed stage): every kind of stage,
 # eager-only benchmark (no ONNX export inside it), two speed passes
 MICRO = {
-    "name": "micro", "threads": 2,
+    "name": "micro", "threads": 1,
     "teacher": {"data": "digits", "channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attn": [],
                 "steps": 40, "batch_size": 16, "lr": 2e-3, "warmup": 0, "ckpt_every": 10},
     "stages": [{"name": "pd", "kind": "progressive", "start_steps": 4, "target_steps": 2, "round_steps": [8],

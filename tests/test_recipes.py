@@ -18,7 +18,7 @@ DIGITS_CI = ROOT / "recipes" / "digits-ci.yaml"
 # digits-ci made smaller still (the tests check the machinery; the recipe itself is timed by its own run): the
 # benchmark keeps the teacher on eager and the progressive student on eager and ONNX Runtime, fp32 and INT8 (the
 # recipe's own exports), so every gate kind has its rows
-TINY = ("teacher.steps=40", "teacher.channels=8", "teacher.ckpt_every=20", "teacher.batch_size=32",
+TINY = ("threads=1", "teacher.steps=40", "teacher.channels=8", "teacher.ckpt_every=20", "teacher.batch_size=32",
         "stages.pd.start_steps=8", "stages.pd.target_steps=2", "stages.pd.round_steps=8", "stages.pd.batch_size=16",
         "stages.pd.ckpt_every=4", "stages.cd.steps=10", "stages.cd.batch_size=16", "stages.cd.ckpt_every=5",
         "stages.cd.search_samples=40", "exports.pd-int8.calib_samples=4", "benchmark.samples=40",

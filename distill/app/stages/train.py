@@ -130,10 +130,12 @@ class TeacherConfig(TrainFields):
 
 def run_teacher(cfg: TeacherConfig, out: Path, *, command: str = "", progress: bool = True) -> StageResult:
     """Train (or continue, when ``out`` holds a checkpoint) a teacher into ``out``."""
+    from distill.rundir import refuse_if_locked
     from distill.teacher import build_teacher, train_teacher
     from distill.training import MODEL_FILE
 
     out = Path(out)
+    refuse_if_locked(out)  # before the data loads
     with training_run(cfg, "teacher") as run:
         teacher = build_teacher(
             data_spec=cfg.data, image_size=cfg.image_size, unconditional=cfg.unconditional, schedule=cfg.schedule,
