@@ -125,22 +125,23 @@ def test_time_calls_reports_order_statistics_and_stops_slow_calls_early():
 
 
 def test_peak_memory_counts_from_the_reset():
-    import gc
+    import mmap
+    from pathlib import Path
 
-    # an earlier test's garbage, collected inside the window, would give back more than the block takes
-    gc.collect()
-    gc.disable()
-    try:
-        bs.reset_peak_memory("cpu")
-        base = bs.peak_memory("cpu")["peak_rss_mb"]
-        block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
-        grown = bs.peak_memory("cpu")["peak_rss_mb"]
-        del block
-        assert grown - base > 50
-        bs.reset_peak_memory("cpu")
-        assert bs.peak_memory("cpu")["peak_rss_mb"] < grown - 50  # the window starts again
-    finally:
-        gc.enable()
+    def rss_mb() -> float:  # what the process holds now (the peak is never below it)
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(ln.split()[1] for ln in status if ln.startswith("VmRSS:"))) / 1024
+
+    block = mmap.mmap(-1, 64 * 2**20)  # 64 MiB of fresh pages (an array could reuse memory already resident)
+    bs.reset_peak_memory("cpu")
+    before = rss_mb()  # not the peak at the reset: another thread may free memory meanwhile
+    for offset in range(0, len(block), 4096):  # touched page by page (no 64 MiB temporary beside it)
+        block[offset] = 1
+    grown = bs.peak_memory("cpu")["peak_rss_mb"]
+    block.close()
+    assert grown - before > 50
+    bs.reset_peak_memory("cpu")
+    assert bs.peak_memory("cpu")["peak_rss_mb"] < grown - 50  # the window starts again
 
 
 def test_machine_info_names_the_cpu_threads_and_libraries():
