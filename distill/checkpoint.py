@@ -175,15 +175,21 @@ def validate_model(tensors: dict[str, Tensor], meta: dict[str, Any], path: Path 
 
 def model_metadata(den) -> dict[str, Any]:
     """The ``model`` and ``diffusion`` metadata that rebuild ``den`` (:func:`build_denoiser`'s input)."""
+    from distill.models.diffusers_unet import ARCH, DiffusersUNet
+
     diffusion = {"schedule": den.schedule.config(), "prediction": den.prediction, "time_input": den.time_input}
     if den.consistency:
         diffusion["consistency"] = dict(den.consistency)
-    return {"model": {"arch": "unet", "config": den.net.config.to_dict()}, "diffusion": diffusion}
+    if den.clip_x0 is not None:
+        diffusion["clip_x0"] = den.clip_x0
+    arch = ARCH if isinstance(den.net, DiffusersUNet) else "unet"
+    return {"model": {"arch": arch, "config": den.net.config.to_dict()}, "diffusion": diffusion}
 
 
 def build_denoiser(meta: dict[str, Any], source: str = "checkpoint"):
     """Rebuild an (untrained) denoiser from model metadata; incomplete metadata is a one-line UsageError."""
     from distill.denoiser import Denoiser
+    from distill.models import diffusers_unet
     from distill.models.unet import UNet, UNetConfig
     from distill.schedules import schedule_from_config
 
@@ -191,14 +197,20 @@ def build_denoiser(meta: dict[str, Any], source: str = "checkpoint"):
     if not isinstance(model, dict) or not isinstance(diffusion, dict):
         raise UsageError(f"{source}: incomplete metadata (no 'model' and 'diffusion' config); re-create the file "
                          "with distill (teacher train / publish)")
-    if model.get("arch") != "unet":
-        raise UsageError(f"{source}: unknown architecture {model.get('arch')!r}; this build knows 'unet'")
+    archs = {"unet": (UNet, UNetConfig), diffusers_unet.ARCH: (diffusers_unet.DiffusersUNet,
+                                                               diffusers_unet.DiffusersUNetConfig)}
+    if model.get("arch") not in archs:
+        raise UsageError(f"{source}: unknown architecture {model.get('arch')!r}; this build knows "
+                         f"{', '.join(map(repr, archs))}")
     try:
-        cfg = UNetConfig.from_dict(model["config"])
-        null = cfg.num_classes if cfg.num_classes else None
-        return Denoiser(UNet(cfg), schedule_from_config(diffusion["schedule"]), diffusion["prediction"],
+        net_class, config_class = archs[model["arch"]]
+        cfg = config_class.from_dict(model["config"])
+        # the native UNet keeps label num_classes as the null class of classifier-free guidance; a diffusers
+        # UNet has none
+        null = cfg.num_classes if cfg.num_classes and net_class is UNet else None
+        return Denoiser(net_class(cfg), schedule_from_config(diffusion["schedule"]), diffusion["prediction"],
                         diffusion["time_input"], null_label=null, guidance_input=cfg.guidance_embed,
-                        consistency=diffusion.get("consistency"))
+                        consistency=diffusion.get("consistency"), clip_x0=diffusion.get("clip_x0"))
     except KeyError as e:
         raise UsageError(f"{source}: incomplete metadata (missing {e}); re-create the file with distill") from None
     except (TypeError, ValueError) as e:
@@ -214,11 +226,17 @@ def shipped_models() -> list[str]:
 
 
 def resolve_model_path(path: Path | str) -> Path:
-    """A model file, a run directory, or the name of a shipped model -> the model file's path."""
+    """A model file, a run directory, the name of a shipped model, or a diffusers directory (converted once into a
+    model file, :mod:`distill.diffusers_teacher`) -> the model file's path."""
     path = Path(path)
     if not path.exists() and path.name == str(path) and (SHIPPED_DIR / f"{path}.safetensors").is_file():
         return SHIPPED_DIR / f"{path}.safetensors"
     if path.is_dir():
+        if not (path / "model.safetensors").exists():
+            from distill.diffusers_teacher import diffusers_model_file, diffusers_parts
+
+            if diffusers_parts(path) is not None:
+                return diffusers_model_file(path)
         return path / "model.safetensors"
     if not path.exists():
         names = ", ".join(shipped_models()) or "none"
@@ -241,7 +259,8 @@ def card_sampling(meta: dict[str, Any], sampler: str | None = None, steps: int |
     names (a distilled student's own sampler, step count and exact timesteps), else DPM-Solver++(2M) at 20 steps.
     The card's step count and exact timesteps are used whenever the sampler is the card's or, for a card whose
     sampler walks a given grid, any such sampler (``GRID_SAMPLERS``: ddim, ddpm, stochastic, consistency), and the
-    step count and spacing are not overridden. A card may also hold exact timesteps for other step counts
+    step count and spacing are not overridden (other step counts on such a grid keep the card's spacing). A card
+    may also hold exact timesteps for other step counts
     (``timesteps_by_steps``, e.g. a consistency student's searched 2- and 3-step grids), used when such a count is
     asked for."""
     card = meta.get("card") or {}
@@ -254,7 +273,8 @@ def card_sampling(meta: dict[str, Any], sampler: str | None = None, steps: int |
         other = (card.get("timesteps_by_steps") or {}).get(str(steps))
         if other is not None:
             return sampler, steps, card.get("spacing"), other
-    return sampler, steps, spacing, None
+    # other step counts on the card's grid keep its spacing (a diffusers teacher's own timestep spacing)
+    return sampler, steps, spacing or (card.get("spacing") if on_grid else None), None
 
 
 def load_denoiser(path: Path | str, device: str = "cpu"):

@@ -67,7 +67,11 @@ def time_input(schedule: Schedule, t: Tensor, convention: str) -> Tensor:
     if convention == "index":
         if not isinstance(schedule, DiscreteSchedule):
             raise ValueError("time_input 'index' needs a discrete schedule")
-        return schedule.index_of_t(t)
+        index = schedule.index_of_t(t)
+        # a training timestep in float32 (t = (i + 1) / T) comes back as i up to round-off: snap it to i, so the
+        # network sees exactly the integer index diffusers passes
+        whole = index.round()
+        return torch.where((index - whole).abs() < 1e-3, whole, index)
     if convention == "log_sigma":
         return 0.25 * (-0.5 * schedule.logsnr(t))  # ln(sigma/alpha) = -lambda/2
     if convention == "logsnr":
@@ -98,6 +102,8 @@ class Denoiser(nn.Module):
             goes through the boundary-condition preconditioning
             (:func:`~distill.parameterization.consistency_output`), so ``denoise(x_t, t) = x_t / alpha`` exactly
             where the VE-equivalent noise level is ``sigma_min`` or less.
+        clip_x0: clamp the clean estimate to ``[-clip_x0, clip_x0]`` (diffusers' ``clip_sample`` with its
+            ``clip_sample_range``); ``None`` leaves it as the network gives it.
     """
 
     def __init__(
@@ -109,6 +115,7 @@ class Denoiser(nn.Module):
         null_label: int | None = None,
         guidance_input: bool = False,
         consistency: dict[str, float] | None = None,
+        clip_x0: float | None = None,
     ):
         super().__init__()
         if prediction not in PREDICTIONS:
@@ -122,6 +129,9 @@ class Denoiser(nn.Module):
                             "sigma_data": float(consistency.get("sigma_data", 0.5))} if consistency else None
         if self.consistency and not (0 < self.consistency["sigma_min"] and 0 < self.consistency["sigma_data"]):
             raise ValueError(f"consistency scalings need sigma_min > 0 and sigma_data > 0, got {consistency}")
+        self.clip_x0 = None if clip_x0 is None else float(clip_x0)
+        if self.clip_x0 is not None and not self.clip_x0 > 0:
+            raise ValueError(f"clip_x0 must be > 0, got {clip_x0}")
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -138,7 +148,7 @@ class Denoiser(nn.Module):
         """The same denoiser (schedule, parameterization, guidance, boundary condition) around another network of
         the same kind: a consistency method's target network, an EMA."""
         return Denoiser(net, self.schedule, self.prediction, self.time_input, self.null_label, self.guidance_input,
-                        self.consistency)
+                        self.consistency, self.clip_x0)
 
     def alpha_sigma(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         """Per-sample ``(alpha, sigma)`` (computed in float32) broadcastable against ``like``, in its dtype."""
@@ -155,6 +165,8 @@ class Denoiser(nn.Module):
     def _x0(self, x_t: Tensor, t: Tensor, labels: Tensor | None, w: Tensor | None = None) -> Tensor:
         alpha, sigma = self.alpha_sigma(t, x_t)
         x0 = to_x0(self.raw(x_t, t, labels, w), self.prediction, x_t, alpha, sigma)
+        if self.clip_x0 is not None:
+            x0 = x0.clamp(-self.clip_x0, self.clip_x0)
         if self.consistency is None:
             return x0
         return consistency_output(x0, x_t, alpha, sigma, **self.consistency)

@@ -137,7 +137,8 @@ def make_student(parent, *, guidance_input: bool, prediction: str, seed: int = 0
         if isinstance(m, torch.nn.Dropout):
             m.p = dropout
     return Denoiser(net.train(), copy.deepcopy(parent.schedule), prediction, parent.time_input, parent.null_label,
-                    guidance_input=guidance_input or parent.guidance_input, consistency=consistency)
+                    guidance_input=guidance_input or parent.guidance_input, consistency=consistency,
+                    clip_x0=parent.clip_x0)  # a diffusers teacher's clip_sample: its students clip as it does
 
 
 def student_card(*, stage: Stage, index: int, total: int, parent: str, parent_sha256: str, teacher: str,

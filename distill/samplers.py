@@ -19,7 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from distill.parameterization import append_dims
-from distill.schedules import Schedule, karras_sigmas
+from distill.schedules import DIFFUSERS_SPACINGS, DiscreteSchedule, Schedule, karras_sigmas
 
 # EDM's sigma range (Karras et al. 2022, Table 1), on the VE-equivalent noise level sigma / alpha: "karras" and
 # "logsnr" spacings stop at SIGMA_MIN_VE before the last step, and "karras" starts no higher than SIGMA_MAX_VE
@@ -77,12 +77,19 @@ def make_timesteps(schedule: Schedule, steps: int, spacing: str = "uniform", t_m
     ``uniform`` is even in t; ``karras`` even in ``sigma^(1/7)`` of the VE-equivalent noise level (Karras et al.
     2022, Eq. 5) from ``min(sigma(t_max), 80)``, after one interval from ``t_max`` down to 80 when the schedule
     starts higher (VP); ``logsnr`` even in log-SNR (Lu et al. 2022). The last two stop
-    at ``sigma = 0.002`` and then step to clean data. Start sampling at ``ts[0]`` (see :func:`prior_sample`).
+    at ``sigma = 0.002`` and then step to clean data. ``leading``, ``trailing`` and ``linspace`` are diffusers'
+    timestep grids on a discrete table (:meth:`~distill.schedules.DiscreteSchedule.diffusers_grid`; they start below
+    ``t = 1``, as diffusers does). Start sampling at ``ts[0]`` (see :func:`prior_sample`).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if spacing == "uniform":
         return torch.linspace(t_max, 0.0, steps + 1, dtype=torch.float64)
+    if spacing in DIFFUSERS_SPACINGS:
+        if not isinstance(schedule, DiscreteSchedule):
+            raise ValueError(f"spacing {spacing!r} is diffusers' grid on a discrete timestep table; this schedule "
+                             f"is {schedule.name!r}: use uniform, karras or logsnr")
+        return schedule.diffusers_grid(steps, spacing)
     t_max_ = torch.tensor(t_max, dtype=torch.float64)
     # A schedule whose own t = 0 is already sigma_min (Karras) still needs a grid point apart from the final
     # clean-data point, hence the small floor.

@@ -144,13 +144,15 @@ class DiscreteSchedule(Schedule):
     """
 
     name: ClassVar[str] = "discrete"
-    params: ClassVar[tuple[str, ...]] = ("beta_schedule", "num_train_timesteps", "beta_start", "beta_end")
+    params: ClassVar[tuple[str, ...]] = ("beta_schedule", "num_train_timesteps", "beta_start", "beta_end",
+                                         "steps_offset")
 
     def __init__(self, beta_schedule: str = "linear", num_train_timesteps: int = 1000, beta_start: float = 1e-4,
-                 beta_end: float = 0.02):
+                 beta_end: float = 0.02, steps_offset: int = 0):
         super().__init__()
         self.beta_schedule, self.num_train_timesteps = beta_schedule, int(num_train_timesteps)
         self.beta_start, self.beta_end = float(beta_start), float(beta_end)
+        self.steps_offset = int(steps_offset)  # diffusers' index offset of its "leading" sampling grid
         ac = self.alphas_cumprod()
         lam = torch.log(ac) - torch.log1p(-ac)
         lam = torch.cat([torch.tensor([max(LOGSNR_MAX, float(lam[0]) + 1.0)], dtype=torch.float64), lam])
@@ -183,6 +185,30 @@ class DiscreteSchedule(Schedule):
     def index_of_t(self, t: Tensor) -> Tensor:
         """The (fractional) diffusers timestep index of time ``t``."""
         return t * self.num_train_timesteps - 1.0
+
+    def diffusers_grid(self, steps: int, spacing: str) -> Tensor:
+        """``steps + 1`` decreasing times on diffusers' timestep grid (``DDIMScheduler.set_timesteps``: the
+        ``leading``, ``trailing`` or ``linspace`` timestep spacing of Lin et al. 2024, Table 2, with
+        ``steps_offset``), index ``i`` at ``t = (i + 1) / T``, then clean data (``t = 0``; diffusers' DDIM with
+        ``set_alpha_to_one``, its default)."""
+        import numpy as np
+
+        T = self.num_train_timesteps
+        if not 1 <= steps <= T:
+            raise ValueError(f"steps {steps}: a {T}-step table samples in 1 to {T} steps")
+        if spacing == "leading":
+            index = (np.arange(0, steps) * (T // steps)).round()[::-1].astype(np.int64) + self.steps_offset
+        elif spacing == "trailing":
+            index = np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
+        elif spacing == "linspace":
+            index = np.linspace(0, T - 1, steps).round()[::-1].astype(np.int64)
+        else:
+            raise ValueError(f"unknown diffusers timestep spacing {spacing!r}: use {', '.join(DIFFUSERS_SPACINGS)}")
+        ts = torch.from_numpy((index + 1).astype(np.float64) / T)
+        return torch.cat([ts, torch.zeros(1, dtype=torch.float64)])
+
+
+DIFFUSERS_SPACINGS = ("leading", "trailing", "linspace")
 
 
 class KarrasSchedule(Schedule):

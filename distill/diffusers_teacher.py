@@ -1,0 +1,163 @@
+"""Teachers from diffusers directories: a ``UNet2DModel`` and its scheduler config, as a distill model file.
+
+A diffusers pipeline directory (``model_index.json`` with ``unet/`` and ``scheduler/``, what
+``DDPMPipeline.save_pretrained`` writes) or a UNet directory holding its own ``scheduler_config.json`` is taken
+anywhere a model is (``distill sample|eval|progressive|consistency|export DIR``, recipes). It is converted once into
+a model file under ``$DISTILL_CACHE/diffusers`` (named by a hash of the directory's config and weight files, so an
+edited directory converts again) holding the diffusers UNet (arch ``diffusers-unet2d``) and the scheduler mapped
+onto the continuous-time denoiser:
+
+- the beta table (``linear``, ``scaled_linear``, ``squaredcos_cap_v2``; ``num_train_timesteps``, ``beta_start``,
+  ``beta_end``) becomes :class:`~distill.schedules.DiscreteSchedule`, whose knots sit at diffusers' training
+  timesteps (index ``i`` at ``t = (i + 1) / T``, :func:`~distill.denoiser.time_input` ``"index"``);
+- ``prediction_type`` ``epsilon`` / ``v_prediction`` / ``sample`` becomes ``eps`` / ``v`` / ``x0``;
+- ``clip_sample`` (with ``clip_sample_range``) clamps the clean estimate;
+- the card samples with DDIM on the scheduler's own ``timestep_spacing`` (``leading`` with ``steps_offset``,
+  ``trailing``, ``linspace``) at diffusers' default 50 steps, so ``distill sample DIR --sampler ddim --steps N``
+  walks ``DDIMPipeline``'s timesteps.
+
+Nothing is downloaded: the directory is read with diffusers' local loaders. What cannot be mapped exactly
+(``trained_betas``, ``rescale_betas_zero_snr``, dynamic thresholding, a conditional ``UNet2DConditionModel``,
+non-square images) is refused with a one-line error naming the file and key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from distill.errors import UsageError
+
+LOG = logging.getLogger("distill")
+
+PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+DISCRETE_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DDIMParallelScheduler", "DDPMParallelScheduler",
+                       "PNDMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+                       "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+                       "UniPCMultistepScheduler", "DEISMultistepScheduler", "LMSDiscreteScheduler")
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+DEFAULT_STEPS = 50  # DDIMPipeline's num_inference_steps
+
+
+def diffusers_parts(path: Path) -> tuple[Path, Path] | None:
+    """``(unet_dir, scheduler_config)`` of a diffusers directory, or None when ``path`` is not one."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    if (path / "model_index.json").is_file():
+        unet, sched = path / "unet", path / "scheduler" / "scheduler_config.json"
+        if not (unet / "config.json").is_file():
+            raise UsageError(f"{path}: a diffusers pipeline directory without unet/config.json; distill takes a "
+                             "pipeline with a UNet2DModel (unet/) and its scheduler (scheduler/)")
+        if not sched.is_file():
+            raise UsageError(f"{path}: no scheduler/scheduler_config.json; the UNet's noise schedule comes from it")
+        return unet, sched
+    if (path / "config.json").is_file() and any((path / w).is_file() for w in WEIGHT_FILES):
+        sched = path / "scheduler_config.json"
+        if not sched.is_file():
+            raise UsageError(f"{path}: a diffusers UNet directory without scheduler_config.json; put the scheduler "
+                             "config the UNet was trained with beside it (or pass the pipeline directory)")
+        return path, sched
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path}: not a readable JSON config ({e})") from None
+    if not isinstance(doc, dict):
+        raise UsageError(f"{path}: a diffusers config is a JSON object")
+    return doc
+
+
+def diffusion_config(sched: dict[str, Any], where: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A diffusers scheduler config -> our ``diffusion`` metadata (schedule, prediction, time input, clipping)
+    and the card's sampling defaults. Raises a one-line UsageError for what does not map exactly."""
+    name = sched.get("_class_name", "DDPMScheduler")
+    if name not in DISCRETE_SCHEDULERS:
+        raise UsageError(f"{where}: scheduler {name} is not a discrete DDPM-table scheduler; distill maps "
+                         f"{', '.join(DISCRETE_SCHEDULERS[:3])} and the other beta-table schedulers")
+    if sched.get("trained_betas") is not None:
+        raise UsageError(f"{where}: trained_betas (a custom beta table) is not supported; use a named beta_schedule")
+    if sched.get("rescale_betas_zero_snr"):
+        raise UsageError(f"{where}: rescale_betas_zero_snr is not supported (its last timestep has zero SNR)")
+    if sched.get("thresholding"):
+        raise UsageError(f"{where}: dynamic thresholding is not supported; set thresholding to false")
+    kind = sched.get("beta_schedule", "linear")
+    if kind not in BETA_SCHEDULES:
+        raise UsageError(f"{where}: beta_schedule {kind!r}: distill maps {', '.join(BETA_SCHEDULES)}")
+    prediction = sched.get("prediction_type", "epsilon")
+    if prediction not in PREDICTIONS:
+        raise UsageError(f"{where}: prediction_type {prediction!r}: use one of {', '.join(PREDICTIONS)}")
+    spacing = sched.get("timestep_spacing", "leading")
+    from distill.schedules import DIFFUSERS_SPACINGS
+
+    if spacing not in DIFFUSERS_SPACINGS:
+        raise UsageError(f"{where}: timestep_spacing {spacing!r}: use one of {', '.join(DIFFUSERS_SPACINGS)}")
+    schedule = {"name": "discrete", "beta_schedule": kind,
+                "num_train_timesteps": int(sched.get("num_train_timesteps", 1000)),
+                "beta_start": float(sched.get("beta_start", 1e-4)), "beta_end": float(sched.get("beta_end", 0.02)),
+                "steps_offset": int(sched.get("steps_offset", 0))}
+    diffusion: dict[str, Any] = {"schedule": schedule, "prediction": PREDICTIONS[prediction], "time_input": "index"}
+    if sched.get("clip_sample", name in ("DDPMScheduler", "DDIMScheduler")):
+        diffusion["clip_x0"] = float(sched.get("clip_sample_range", 1.0))
+    card = {"sampler": "ddim", "steps": DEFAULT_STEPS, "spacing": spacing}
+    return diffusion, card
+
+
+def _digest(unet_dir: Path, sched: Path) -> str:
+    h = hashlib.sha256()
+    for p in [unet_dir / "config.json", sched, *(unet_dir / w for w in WEIGHT_FILES)]:
+        if p.is_file():
+            h.update(p.name.encode() + b"\0")
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def diffusers_model_file(path: Path) -> Path:
+    """The distill model file of the diffusers directory ``path`` (converted once, then reused)."""
+    from distill.checkpoint import read_metadata, save_model
+    from distill.models.diffusers_unet import ARCH, DiffusersUNet, DiffusersUNetConfig, public_config
+    from distill.rundir import cache_dir
+
+    parts = diffusers_parts(path)
+    if parts is None:
+        raise UsageError(f"{path}: not a diffusers directory (no model_index.json, no config.json with weights)")
+    unet_dir, sched_path = parts
+    digest = _digest(unet_dir, sched_path)
+    out = cache_dir() / "diffusers" / f"{digest[:24]}.safetensors"
+    if out.is_file():
+        try:
+            if read_metadata(out).get("source", {}).get("digest") == digest:
+                return out
+        except (OSError, ValueError, UsageError):
+            pass  # a damaged conversion: convert again
+    unet_cfg = _read_json(unet_dir / "config.json")
+    if unet_cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        raise UsageError(f"{unet_dir / 'config.json'}: {unet_cfg.get('_class_name')} is not supported yet; distill "
+                         "takes a UNet2DModel")
+    diffusion, card = diffusion_config(_read_json(sched_path), sched_path)
+    from diffusers import UNet2DModel
+
+    LOG.info(f"note: converting the diffusers directory {path} once (cached in {out.parent}); later runs reuse it")
+    try:
+        unet = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UsageError(f"{unet_dir}: diffusers cannot load this UNet ({str(e).splitlines()[0]})") from None
+    try:
+        net = DiffusersUNet(DiffusersUNetConfig(public_config(unet.config)))
+    except ValueError as e:
+        raise UsageError(f"{unet_dir / 'config.json'}: {e}") from None
+    net.unet.load_state_dict(unet.state_dict())
+    meta = {"model": {"arch": ARCH, "config": net.config.to_dict()}, "diffusion": diffusion, "card": card,
+            "source": {"diffusers": str(Path(path).resolve()), "digest": digest}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_model(out, net, meta)
+    return out

@@ -1,0 +1,188 @@
+"""Teachers from diffusers directories: the adapter against diffusers' own schedulers, our samplers against
+diffusers' pipelines on the same noise, distillation and export of a diffusers teacher, and what is refused.
+The tests create (and briefly train) the small diffusers models they use; nothing is downloaded."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from distill.data import load_dataset
+
+PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+
+
+def _unet():
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8)
+
+
+def _save(path, unet, **scheduler):
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(**scheduler)).save_pretrained(str(path))
+    return path
+
+
+def _train_briefly(unet, scheduler, steps: int = 60) -> None:
+    """A few Adam steps of diffusers' own objective on the 8x8 digits, so the samples are not noise."""
+    images = load_dataset("digits").images
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(unet.parameters(), lr=3e-3)
+    for _ in range(steps):
+        x0 = images[torch.randint(0, len(images), (32,), generator=g)]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (32,), generator=g)
+        loss = (unet(scheduler.add_noise(x0, noise, t), t).sample - noise).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory):
+    """A briefly trained DDPM pipeline directory (diffusers' default scheduler: linear betas, epsilon, clipping)."""
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(0)
+    unet = _unet()
+    _train_briefly(unet, DDPMScheduler())
+    return _save(tmp_path_factory.mktemp("diffusers") / "ddpm", unet)
+
+
+def _uint8(images01: np.ndarray) -> np.ndarray:
+    return (images01 * 255).round().astype(int)
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("prediction", list(PREDICTIONS))
+def test_the_adapter_gives_the_schedulers_pred_original_sample_at_every_training_timestep(tmp_path, prediction,
+                                                                                         beta_schedule):
+    from diffusers import DDPMScheduler
+
+    from distill.checkpoint import load_denoiser
+
+    torch.manual_seed(0)
+    unet = _unet()
+    for p in unet.parameters():  # far from zero, so every part of the network and of the mapping counts
+        torch.nn.init.normal_(p, std=0.05)
+    kw = {"beta_schedule": beta_schedule, "prediction_type": prediction, "clip_sample": False}
+    if beta_schedule == "scaled_linear":
+        kw.update(beta_start=0.00085, beta_end=0.012)
+    path = _save(tmp_path / "m", unet, **kw)
+    den = load_denoiser(path)
+    assert den.prediction == PREDICTIONS[prediction] and den.time_input == "index" and den.clip_x0 is None
+    sched = DDPMScheduler.from_pretrained(str(path / "scheduler"))
+    T = sched.config.num_train_timesteps
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, 1, 8, 8, generator=g)
+    index = torch.arange(T)
+    with torch.no_grad():
+        ours = den(x, (index + 1).float() / T)  # training timestep i sits at t = (i + 1) / T
+        out = unet(x, index).sample
+        ref = torch.stack([sched.step(out[i:i + 1], int(i), x[i:i + 1]).pred_original_sample[0] for i in index])
+    scale = ref.flatten(1).abs().amax(1)  # per timestep: x0 reaches 1/alpha times the noise at the noisy end
+    err = ((ours - ref).flatten(1).abs().amax(1) / scale)
+    assert float(err.max()) < 1e-4, (float(err.max()), int(err.argmax()))
+
+
+def test_clip_sample_clamps_the_clean_estimate_as_diffusers_does(tmp_path):
+    from diffusers import DDPMScheduler
+
+    from distill.checkpoint import load_denoiser
+
+    torch.manual_seed(0)
+    unet = _unet()
+    for p in unet.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    path = _save(tmp_path / "m", unet, clip_sample=True, clip_sample_range=0.8)
+    den = load_denoiser(path)
+    assert den.clip_x0 == 0.8
+    sched = DDPMScheduler.from_pretrained(str(path / "scheduler"))
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    index = torch.tensor([0, 300, 700, 999])
+    with torch.no_grad():
+        ours = den(x, (index + 1).float() / 1000)
+        out = unet(x, index).sample
+    ref = torch.cat([sched.step(out[i:i + 1], int(t), x[i:i + 1]).pred_original_sample for i, t in enumerate(index)])
+    assert float(ours.abs().max()) <= 0.8 + 1e-6 and torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_ddim_and_ddpm_sampling_reproduce_the_diffusers_pipelines(trained_dir, tmp_path, distill_main):
+    """``distill sample DIR`` walks the scheduler's own timesteps; on the same per-sample generators it gives
+    DDIMPipeline's and DDPMPipeline's images to within one uint8 level."""
+    from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline
+
+    seeds = list(range(8))
+    for name, pipe_class, sampler in (("ddim", DDIMPipeline, "ddim"), ("ddpm", DDPMPipeline, "ddpm")):
+        folder = trained_dir
+        if name == "ddim":  # DDIM's direction term keeps the unclipped noise estimate (see the README): unclipped
+            folder = tmp_path / "noclip"
+            pipe = DDPMPipeline.from_pretrained(str(trained_dir))
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+            pipe.save_pretrained(str(folder))
+        r = distill_main("sample", folder, "--sampler", sampler, "--steps", "10", "--seeds", "0-7", "--out",
+                         tmp_path / name)
+        assert r.returncode == 0, r.stderr
+        ours = np.load(tmp_path / name / "samples.npz")["images"].astype(int)
+        pipe = pipe_class.from_pretrained(str(folder))
+        pipe.set_progress_bar_config(disable=True)
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        ref = _uint8(pipe(batch_size=len(seeds), generator=gens, num_inference_steps=10, output_type="np").images)
+        assert ours.shape == ref.shape and np.abs(ours - ref).max() <= 1, (name, np.abs(ours - ref).max())
+        assert ref.std() > 10  # images, not a constant
+
+
+def test_a_diffusers_teacher_distills_and_exports(trained_dir, tmp_path, distill_main):
+    from distill.checkpoint import load_denoiser, read_metadata
+
+    r = distill_main("progressive", trained_dir, "--data", "digits", "--out", tmp_path / "pd", "--start-steps", "4",
+                     "--target-steps", "2", "--round-steps", "6", "--batch-size", "8")
+    assert r.returncode == 0, r.stderr
+    student = tmp_path / "pd" / "steps-2" / "model.safetensors"
+    meta = read_metadata(student)
+    assert meta["model"]["arch"] == "diffusers-unet2d" and meta["diffusion"]["time_input"] == "index"
+    assert meta["card"]["steps"] == 2 and load_denoiser(student).clip_x0 == 1.0
+    r = distill_main("export", "onnx", student, "--out", tmp_path / "onnx")
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
+    assert manifest["parity"]["max_rel_err"] <= 1e-5
+    r = distill_main("sample", tmp_path / "onnx", "--seeds", "0-3", "--out", tmp_path / "s")
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"thresholding": True}, "dynamic thresholding is not supported"),
+    ({"beta_schedule": "sigmoid"}, "beta_schedule 'sigmoid'"),
+    ({"timestep_spacing": "karras"}, "timestep_spacing 'karras'"),
+    ({"trained_betas": [0.1] * 1000}, "trained_betas"),
+])
+def test_what_does_not_map_exactly_is_one_line(tmp_path, distill_main, change, needle):
+    torch.manual_seed(0)
+    path = _save(tmp_path / "m", _unet())
+    config = path / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
+    r = distill_main("sample", path, "--steps", "2", "--seeds", "0", "--out", tmp_path / "s")
+    assert r.returncode == 2 and needle in r.stderr and str(config) in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
+
+
+def test_a_converted_directory_is_reused_until_it_changes(tmp_path, monkeypatch):
+    from distill.checkpoint import resolve_model_path
+    from distill.rundir import cache_dir
+
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    path = _save(tmp_path / "m", _unet())
+    first = resolve_model_path(path)
+    assert first.parent == cache_dir() / "diffusers" and resolve_model_path(path) == first
+    stamp = first.stat().st_mtime_ns
+    assert resolve_model_path(path).stat().st_mtime_ns == stamp  # not converted again
+    config = path / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "prediction_type": "v_prediction"}))
+    second = resolve_model_path(path)
+    assert second != first and json.loads(json.dumps(second.name))  # the edited directory converts anew
