@@ -259,10 +259,12 @@ def card_sampling(meta: dict[str, Any], sampler: str | None = None, steps: int |
     names (a distilled student's own sampler, step count and exact timesteps), else DPM-Solver++(2M) at 20 steps.
     The card's step count and exact timesteps are used whenever the sampler is the card's or, for a card whose
     sampler walks a given grid, any such sampler (``GRID_SAMPLERS``: ddim, ddpm, stochastic, consistency), and the
-    step count and spacing are not overridden (other step counts on such a grid keep the card's spacing). A card
-    may also hold exact timesteps for other step counts
+    step count and spacing are not overridden (other step counts keep a diffusers teacher's timestep spacing). A
+    card may also hold exact timesteps for other step counts
     (``timesteps_by_steps``, e.g. a consistency student's searched 2- and 3-step grids), used when such a count is
     asked for."""
+    from distill.schedules import DIFFUSERS_SPACINGS
+
     card = meta.get("card") or {}
     sampler = sampler or card.get("sampler") or DEFAULT_SAMPLER
     on_grid = sampler == card.get("sampler") or (sampler in GRID_SAMPLERS and card.get("sampler") in GRID_SAMPLERS)
@@ -273,8 +275,9 @@ def card_sampling(meta: dict[str, Any], sampler: str | None = None, steps: int |
         other = (card.get("timesteps_by_steps") or {}).get(str(steps))
         if other is not None:
             return sampler, steps, card.get("spacing"), other
-    # other step counts on the card's grid keep its spacing (a diffusers teacher's own timestep spacing)
-    return sampler, steps, spacing or (card.get("spacing") if on_grid else None), None
+    if spacing is None and on_grid and card.get("spacing") in DIFFUSERS_SPACINGS:
+        spacing = card["spacing"]  # a diffusers teacher samples on its scheduler's own grid at any step count
+    return sampler, steps, spacing, None
 
 
 def load_denoiser(path: Path | str, device: str = "cpu"):

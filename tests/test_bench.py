@@ -386,7 +386,7 @@ def test_the_html_report_renders_in_headless_chromium(tmp_path):
     assert len(colours) > 50
 
 
-def test_quality_sharded_by_accelerate_launch_matches_one_process(teacher_file, tmp_path):
+def test_quality_sharded_by_accelerate_launch_matches_one_process(teacher_file, tmp_path, distill_main):
     """Two processes under ``accelerate launch`` (joined over gloo on a CPU) draw half the seeds each; the joined
     samples and the metrics equal one process's."""
     import os
@@ -396,8 +396,7 @@ def test_quality_sharded_by_accelerate_launch_matches_one_process(teacher_file, 
     args = ["bench", "quality", "--models", str(teacher_file), "--samplers", "ddim", "--steps", "2", "--samples",
             "30", "--metrics", "fd,acc", "--data", "digits", "--batch-size", "8"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "distill.cli", *args, "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True, env=env, timeout=300)
+    one = distill_main(*args, "--out", tmp_path / "one")  # one process: this one
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",

@@ -130,10 +130,12 @@ def test_a_guided_w_input_student_exports_w_and_its_fused_graph(tmp_path, guided
 
     m = export_onnx(str(guided_student), tmp_path / "g", ExportOptions(), log=lambda *a: None)
     assert m["guided"] and [i["name"] for i in m["graph_info"]["inputs"]] == ["x_t", "t", "labels", "w"]
-    # two of the card's three steps are enough to show the w input reaching every unrolled step
-    fused = export_onnx(str(guided_student), tmp_path / "gf", ExportOptions(fused=True, steps=2),
+    # one unrolled step shows the w input inside a fused graph (a fused trace costs ~9 s per step here; the
+    # unrolling itself is the other fused tests' subject)
+    fused = export_onnx(str(guided_student), tmp_path / "gf", ExportOptions(fused=True, steps=1),
                         log=lambda *a: None)
-    assert fused["noise_slots"] == 0 and fused["steps"] == 2 and fused["parity"]["max_rel_err"] <= 1e-4
+    assert [i["name"] for i in fused["graph_info"]["inputs"]] == ["noise", "labels", "w"]
+    assert fused["noise_slots"] == 0 and fused["steps"] == 1 and fused["parity"]["max_rel_err"] <= 1e-4
     den, ort_backend = load_denoiser(guided_student), load_backend(tmp_path / "g")
     x, t = torch.randn(5, 1, 8, 8), torch.linspace(0.1, 0.9, 5)
     cond = Cond(torch.arange(5), torch.linspace(0, 2, 5))
@@ -206,33 +208,38 @@ def test_a_traced_graph_is_kept_for_the_next_process_and_a_damaged_one_is_traced
 
 
 def test_a_fused_int8_graph_gets_ranges_per_unrolled_step(tmp_path, teacher_file):
+    """Two unrolled steps (a fused trace costs about 9 s per step here): both quantized, then the second kept float
+    (the fp32 trace is reused for the second INT8 export and the plain one)."""
     import onnx
     from onnx import numpy_helper
 
     from export.onnx import ExportOptions, export_onnx
     from export.precision import Int8Options, unrolled_step_of_nodes
 
-    opts = ExportOptions(fused=True, steps=3, precision="int8", int8=Int8Options(samples=8, float_steps=(3,)),
-                         check_batches=(1, 7))
+    opts = ExportOptions(fused=True, steps=2, precision="int8", int8=Int8Options(samples=8), check_batches=(1, 7))
     m = export_onnx(str(teacher_file), tmp_path / "f", opts, log=lambda *a: None)
     assert m["kind"] == "sampler" and m["int8"]["calibration_set"]["fused"] and m["int8"]["calibration_inputs"] == 8
-    assert m["int8"]["method_used"] == "moving-average"  # the fused graph's measured best
+    assert m["int8"]["method_used"] in ("minmax", "moving-average", "percentile")  # the fused graph's measured best
     assert m["parity"]["max_rel_err"] < 0.2  # judged by quality, like every INT8 graph
-    # --float-steps 3: every quantizable node of the third unrolled step stays float
     assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["manifest.json", "model.onnx"]
-    plain = export_onnx(str(teacher_file), tmp_path / "p", ExportOptions(fused=True, steps=3, check_batches=(1,)),
-                        log=lambda *a: None)
-    assert plain["noise_slots"] == 0
-    step_of = unrolled_step_of_nodes(onnx.load(str(tmp_path / "p/model.onnx")))
-    per_step = np.bincount(list(step_of.values()))[1:]
-    assert len(per_step) == 3 and len(set(per_step.tolist())) == 1  # the same network, three times
-    assert {n for n, k in step_of.items() if k == 3} <= set(m["int8"]["excluded_nodes"])
     model = onnx.load(str(tmp_path / "f/model.onnx"))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     # the same weight is used by both unrolled steps, but its input activation is quantized with two scales
     scales = [float(inits[n.input[1]]) for n in model.graph.node
               if n.op_type == "QuantizeLinear" and n.input[1] in inits and inits[n.input[1]].size == 1]
     assert len(scales) >= 2 and len(set(scales)) > len(scales) // 2
+    plain = export_onnx(str(teacher_file), tmp_path / "p", ExportOptions(fused=True, steps=2, check_batches=(1,)),
+                        log=lambda *a: None)
+    assert plain["noise_slots"] == 0 and plain["export"]["trace_reused_from"] == "this process"
+    step_of = unrolled_step_of_nodes(onnx.load(str(tmp_path / "p/model.onnx")))
+    per_step = np.bincount(list(step_of.values()))[1:]
+    assert len(per_step) == 2 and len(set(per_step.tolist())) == 1  # the same network, twice
+    # --float-steps 2: every quantizable node of the second unrolled step stays float
+    opts = ExportOptions(fused=True, steps=2, precision="int8", check_batches=(1,),
+                         int8=Int8Options(samples=8, float_steps=(2,), method=m["int8"]["method_used"]))
+    kept = export_onnx(str(teacher_file), tmp_path / "k", opts, log=lambda *a: None)
+    assert {n for n, k in step_of.items() if k == 2} <= set(kept["int8"]["excluded_nodes"])
+    assert not {n for n, k in step_of.items() if k == 1} <= set(kept["int8"]["excluded_nodes"])
 
 
 def test_step_percentile_calibration_uses_per_step_ranges(tmp_path, teacher_file, fp32_export):
