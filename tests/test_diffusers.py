@@ -139,22 +139,30 @@ def test_ddim_and_ddpm_sampling_reproduce_the_diffusers_pipelines(trained_dir, t
         assert ref.std() > 10  # images, not a constant
 
 
-def test_a_diffusers_teacher_distills_and_exports(trained_dir, tmp_path, distill_main):
+def test_a_diffusers_teacher_runs_through_a_recipe_distills_exports_and_evaluates(trained_dir, tmp_path,
+                                                                                  distill_main):
+    """recipes/tiny-diffusers.yaml on the directory: progressive and consistency students that are diffusers UNets
+    again, the progressive one's ONNX export within the parity bound, the benchmark and gates; then eval."""
+    from pathlib import Path
+
     from distill.checkpoint import load_denoiser, read_metadata
 
-    r = distill_main("progressive", trained_dir, "--data", "digits", "--out", tmp_path / "pd", "--start-steps", "4",
-                     "--target-steps", "2", "--round-steps", "6", "--batch-size", "8")
-    assert r.returncode == 0, r.stderr
-    student = tmp_path / "pd" / "steps-2" / "model.safetensors"
-    meta = read_metadata(student)
-    assert meta["model"]["arch"] == "diffusers-unet2d" and meta["diffusion"]["time_input"] == "index"
-    assert meta["card"]["steps"] == 2 and load_denoiser(student).clip_x0 == 1.0
-    r = distill_main("export", "onnx", student, "--out", tmp_path / "onnx")
-    assert r.returncode == 0, r.stderr
-    manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny-diffusers.yaml"
+    out = tmp_path / "run"
+    r = distill_main("run", recipe, "--out", out, "--no-progress", "--set", f"teacher={trained_dir}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for student, steps in ((out / "pd" / "steps-2" / "model.safetensors", 2), (out / "cd" / "model.safetensors", 1)):
+        meta = read_metadata(student)
+        assert meta["model"]["arch"] == "diffusers-unet2d" and meta["diffusion"]["time_input"] == "index"
+        assert load_denoiser(student).clip_x0 == 1.0  # the teacher's clip_sample, kept
+    assert read_metadata(out / "pd" / "steps-2" / "model.safetensors")["card"]["steps"] == 2
+    manifest = json.loads((out / "pd-fp32" / "manifest.json").read_text())
     assert manifest["parity"]["max_rel_err"] <= 1e-5
-    r = distill_main("sample", tmp_path / "onnx", "--seeds", "0-3", "--out", tmp_path / "s")
+    assert json.loads((out / "gates.json").read_text())["passed"]
+    r = distill_main("eval", trained_dir, "--data", "digits", "--seeds", "0-19", "--steps", "4", "--metrics", "fd",
+                     "--out", tmp_path / "eval.json")
     assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "eval.json").read_text())["fd"] > 0
 
 
 @pytest.mark.parametrize("change, needle", [
