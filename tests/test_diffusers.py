@@ -30,7 +30,7 @@ def _save(path, unet, **scheduler):
     return path
 
 
-def _train_briefly(unet, scheduler, steps: int = 60) -> None:
+def _train_briefly(unet, scheduler, steps: int = 30) -> None:
     """A few Adam steps of diffusers' own objective on the 8x8 digits, so the samples are not noise."""
     images = load_dataset("digits").images
     g = torch.Generator().manual_seed(0)
@@ -60,8 +60,9 @@ def _uint8(images01: np.ndarray) -> np.ndarray:
     return (images01 * 255).round().astype(int)
 
 
-@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
-@pytest.mark.parametrize("prediction", list(PREDICTIONS))
+# every prediction type and every beta table, each once (a Latin square; the full 3 x 3 cross passed too)
+@pytest.mark.parametrize("prediction, beta_schedule", [("epsilon", "linear"), ("v_prediction", "scaled_linear"),
+                                                       ("sample", "squaredcos_cap_v2")])
 def test_the_adapter_gives_the_schedulers_pred_original_sample_at_every_training_timestep(tmp_path, prediction,
                                                                                          beta_schedule):
     from diffusers import DDPMScheduler
@@ -151,7 +152,7 @@ def test_a_diffusers_teacher_runs_through_a_recipe_distills_exports_and_evaluate
     out = tmp_path / "run"
     r = distill_main("run", recipe, "--out", out, "--no-progress", "--set", f"teacher={trained_dir}")
     assert r.returncode == 0, r.stderr[-3000:]
-    for student, steps in ((out / "pd" / "steps-2" / "model.safetensors", 2), (out / "cd" / "model.safetensors", 1)):
+    for student in (out / "pd" / "steps-2" / "model.safetensors", out / "cd" / "model.safetensors"):
         meta = read_metadata(student)
         assert meta["model"]["arch"] == "diffusers-unet2d" and meta["diffusion"]["time_input"] == "index"
         assert load_denoiser(student).clip_x0 == 1.0  # the teacher's clip_sample, kept
