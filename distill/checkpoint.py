@@ -235,8 +235,9 @@ def resolve_model_path(path: Path | str) -> Path:
         if not (path / "model.safetensors").exists():
             from distill.diffusers_teacher import diffusers_model_file, diffusers_parts
 
-            if diffusers_parts(path) is not None:
-                return diffusers_model_file(path)
+            parts = diffusers_parts(path)
+            if parts is not None:
+                return diffusers_model_file(path, parts)
         return path / "model.safetensors"
     if not path.exists():
         names = ", ".join(shipped_models()) or "none"

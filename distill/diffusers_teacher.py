@@ -111,25 +111,21 @@ def diffusion_config(sched: dict[str, Any], where: Path) -> tuple[dict[str, Any]
 
 
 def _digest(unet_dir: Path, sched: Path) -> str:
-    h = hashlib.sha256()
-    for p in [unet_dir / "config.json", sched, *(unet_dir / w for w in WEIGHT_FILES)]:
-        if p.is_file():
-            h.update(p.name.encode() + b"\0")
-            with open(p, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-    return h.hexdigest()
+    """One hash over the UNet's config and weights and the scheduler config (each file's sha256)."""
+    from distill.checkpoint import file_sha256
+
+    files = [unet_dir / "config.json", sched, *(unet_dir / w for w in WEIGHT_FILES)]
+    parts = (f"{p.name}:{file_sha256(p)}" for p in files if p.is_file())
+    return hashlib.sha256(";".join(parts).encode()).hexdigest()
 
 
-def diffusers_model_file(path: Path) -> Path:
-    """The distill model file of the diffusers directory ``path`` (converted once, then reused)."""
+def diffusers_model_file(path: Path, parts: tuple[Path, Path]) -> Path:
+    """The distill model file of the diffusers directory ``path``, whose :func:`diffusers_parts` are ``parts``
+    (converted once, then reused)."""
     from distill.checkpoint import read_metadata, save_model
     from distill.models.diffusers_unet import ARCH, DiffusersUNet, DiffusersUNetConfig, public_config
     from distill.rundir import cache_dir
 
-    parts = diffusers_parts(path)
-    if parts is None:
-        raise UsageError(f"{path}: not a diffusers directory (no model_index.json, no config.json with weights)")
     unet_dir, sched_path = parts
     digest = _digest(unet_dir, sched_path)
     out = cache_dir() / "diffusers" / f"{digest[:24]}.safetensors"

@@ -181,7 +181,7 @@ def test_a_traced_graph_is_kept_for_the_next_process_and_a_damaged_one_is_traced
     from export import onnx as eo
 
     class Traced(Exception):
-        pass
+        """Raised where the exporter would trace."""
 
     def trace(*args):
         raise Traced
