@@ -136,6 +136,11 @@ def diffusers_model_file(path: Path, parts: tuple[Path, Path]) -> Path:
         except (OSError, ValueError, UsageError):
             pass  # a damaged conversion: convert again
     unet_cfg = _read_json(unet_dir / "config.json")
+    if unet_cfg.get("_class_name") == "DistilledUNet":
+        source = _read_json(path / "distill_export.json").get("source", {}) \
+            if (Path(path) / "distill_export.json").is_file() else {}
+        raise UsageError(f"{path}: a distill model exported for diffusers pipelines (a DistilledUNet); pass the model "
+                         f"it was exported from ({source.get('model', 'its model file')}), or load it with diffusers")
     if unet_cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise UsageError(f"{unet_dir / 'config.json'}: {unet_cfg.get('_class_name')} is not supported yet; distill "
                          "takes a UNet2DModel")

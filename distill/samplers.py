@@ -64,11 +64,19 @@ def sigma_ve_at(schedule: Schedule, t: Tensor) -> float:
     return sigma / alpha
 
 
+def prior_scale(schedule: Schedule, t_max: float = 1.0) -> float:
+    """The starting state's scale, ``x_T = scale * eps``: 1 on a variance-preserving schedule (the unit-variance
+    prior of DDPM and of diffusers' pipelines, whose marginal ``alpha^2 var(x0) + sigma^2`` is 1 at unit data
+    variance), ``sigma(t_max)`` on a variance-exploding one (EDM's and the consistency pipeline's ``sigma_max``)."""
+    if schedule.variance == "vp":
+        return 1.0
+    return alpha_sigma_at(schedule, torch.tensor(t_max))[1]
+
+
 def prior_sample(schedule: Schedule, generator: PerSampleGenerator, shape: Sequence[int], t_max: float = 1.0,
                  device="cpu", dtype=torch.float32) -> Tensor:
-    """The starting state ``x_T = sigma(t_max) * eps`` (the data term is negligible at ``t_max``)."""
-    _, sigma = alpha_sigma_at(schedule, torch.tensor(t_max))
-    return sigma * generator.randn(shape, device=device, dtype=dtype)
+    """The starting state ``x_T = prior_scale * eps`` (the data term is negligible at ``t_max``)."""
+    return prior_scale(schedule, t_max) * generator.randn(shape, device=device, dtype=dtype)
 
 
 def make_timesteps(schedule: Schedule, steps: int, spacing: str = "uniform", t_max: float = 1.0) -> Tensor:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.denoiser import Cond, Denoiser
-from distill.samplers import SAMPLERS, PerSampleGenerator, alpha_sigma_at
+from distill.samplers import SAMPLERS, PerSampleGenerator, prior_scale
 
 MAX_FUSED_STEPS = 8  # beyond this the graph holds k copies of the network for little gain in call overhead
 
@@ -56,7 +56,8 @@ class FusedSampler(nn.Module):
     around ``denoiser``, unrolled into one graph.
 
     ``noise`` is ``(B, 1 + slots, C, H, W)`` standard normal (see :func:`fused_noise`); the prior is
-    ``sigma(t_0) * noise[:, 0]``. Like :class:`~distill.denoiser.DenoiserGraph`, which inputs exist is fixed here.
+    ``prior_scale * noise[:, 0]`` (:func:`~distill.samplers.prior_scale`). Like
+    :class:`~distill.denoiser.DenoiserGraph`, which inputs exist is fixed here.
     """
 
     def __init__(self, denoiser: Denoiser, sampler: str, timesteps: Sequence[float], shape: Sequence[int],
@@ -75,7 +76,7 @@ class FusedSampler(nn.Module):
         self.denoiser, self.sampler, self.shape = denoiser, sampler, tuple(shape)
         self.labels, self.guided = labels, guided
         self.slots = noise_slots(denoiser, sampler, torch.tensor(self.times, dtype=torch.float64), self.shape)
-        self.prior_sigma = alpha_sigma_at(denoiser.schedule, self.times[0])[1]
+        self.prior_sigma = prior_scale(denoiser.schedule, float(self.times[0]))
 
     @property
     def steps(self) -> int:

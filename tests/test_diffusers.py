@@ -160,10 +160,112 @@ def test_a_diffusers_teacher_runs_through_a_recipe_distills_exports_and_evaluate
     manifest = json.loads((out / "pd-fp32" / "manifest.json").read_text())
     assert manifest["parity"]["max_rel_err"] <= 1e-5
     assert json.loads((out / "gates.json").read_text())["passed"]
+    # both students back out as diffusers pipelines: the teacher clips, so the UNet is a DistilledUNet
+    for folder, student, pipeline in (("pd-diffusers", out / "pd" / "steps-2", "DDIMPipeline"),
+                                      ("cd-diffusers", out / "cd", "ConsistencyModelPipeline")):
+        record = json.loads((out / folder / "distill_export.json").read_text())
+        assert record["pipeline"] == pipeline and record["unet"] == "DistilledUNet"
+        assert _pipeline_against_ours(out / folder, student / "model.safetensors") <= 1e-4
     r = distill_main("eval", trained_dir, "--data", "digits", "--seeds", "0-19", "--steps", "4", "--metrics", "fd",
                      "--out", tmp_path / "eval.json")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "eval.json").read_text())["fd"] > 0
+
+
+def _pipeline_against_ours(folder, model, seeds=range(6), labels=None, guidance=0.0) -> float:
+    """``DiffusionPipeline.from_pretrained(folder)`` against distill's sampler on the model's own grid, with the
+    same per-sample generators: the largest difference relative to the largest pixel value (images in [0, 1])."""
+    import diffusers
+
+    import export.diffusers_pipeline  # noqa: F401  (a DistilledUNet folder names this module)
+    from distill.checkpoint import card_sampling, load_denoiser
+    from distill.denoiser import Cond
+    from distill.samplers import generate
+
+    seeds = list(seeds)
+    record = json.loads((folder / "distill_export.json").read_text())
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    call = {k: v for k, v in record["call"].items() if v is not None}
+    if isinstance(pipe, diffusers.ConsistencyModelPipeline):
+        ref = pipe(batch_size=len(seeds), generator=gens, class_labels=labels, output_type="np", **call).images
+    elif labels is None:
+        ref = pipe(batch_size=len(seeds), generator=gens, eta=0.0, output_type="np", **call).images
+    else:  # DDIMPipeline passes no class labels: the scheduler loop, as the README writes it
+        c = pipe.unet.config
+        x = torch.stack([torch.randn(c.in_channels, c.sample_size, c.sample_size, generator=g) for g in gens])
+        pipe.scheduler.set_timesteps(call["num_inference_steps"])
+        with torch.no_grad():
+            for t in pipe.scheduler.timesteps:
+                x = pipe.scheduler.step(pipe.unet(x, t, class_labels=labels, guidance=guidance).sample, t, x,
+                                        eta=0.0).prev_sample
+        ref = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    den = load_denoiser(model)
+    sampler, steps, spacing, times = card_sampling(den.metadata, None, record["steps"])
+    with torch.no_grad():
+        x = generate(den, den.image_shape, seeds, sampler=sampler, steps=steps, spacing=spacing, timesteps=times,
+                     cond=Cond(labels, guidance))
+    ours = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert ours.shape == ref.shape and ref.std() > 0.01
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def test_a_plain_unet_on_diffusers_own_grid_exports_for_stock_diffusers(trained_dir, tmp_path, distill_main):
+    """No clipping, a trailing grid whose step count divides the table: the folder is a stock UNet2DModel and
+    DDIMScheduler (nothing of distill needed to load it), and its pipeline gives distill's samples."""
+    from diffusers import DDIMScheduler, DDPMPipeline
+
+    folder = tmp_path / "trailing"
+    pipe = DDPMPipeline.from_pretrained(str(trained_dir))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, timestep_spacing="trailing")
+    pipe.save_pretrained(str(folder))
+    r = distill_main("export", "diffusers", folder, "--steps", "10", "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert "UNet2DModel" in r.stdout and "num_inference_steps=10" in r.stdout
+    index = json.loads((tmp_path / "out" / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "UNet2DModel"] and index["scheduler"] == ["diffusers", "DDIMScheduler"]
+    assert _pipeline_against_ours(tmp_path / "out", folder) <= 1e-4
+    # the export folder is itself a diffusers teacher again; an export over a non-export folder is refused
+    r = distill_main("export", "diffusers", folder, "--steps", "10", "--out", folder)
+    assert r.returncode == 2 and "not a diffusers export" in r.stderr
+
+
+def _native(tmp_path, name, consistency=None, guidance_embed=False, card=None):
+    """A tiny class-conditional native UNet model file (random weights far from zero) with a student's card."""
+    from distill.checkpoint import model_metadata, save_model
+    from distill.denoiser import Denoiser
+    from distill.models.unet import UNet, UNetConfig
+    from distill.schedules import CosineSchedule
+
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(image_size=8, channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                          num_classes=10, guidance_embed=guidance_embed))
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    den = Denoiser(net, CosineSchedule(), "v", "t1000", null_label=10, guidance_input=guidance_embed,
+                   consistency=consistency)
+    path = tmp_path / f"{name}.safetensors"
+    save_model(path, net, {**model_metadata(den), "card": card})
+    return path
+
+
+def test_native_students_export_through_the_distilled_unet(tmp_path, distill_main):
+    """A guided (w-input) DDIM student on an uneven grid and a consistency student, both class-conditional native
+    UNets: the DistilledUNet folders reproduce distill's sampler on the same noise, labels and w."""
+    labels = torch.tensor([3, 1, 4, 1, 5, 9])
+    guided = _native(tmp_path, "guided", guidance_embed=True,
+                     card={"method": "guidance", "sampler": "ddim", "steps": 3, "timesteps": [1.0, 0.6, 0.25, 0.0],
+                           "guidance": 1.5, "guidance_range": [0.0, 3.0]})
+    cm = _native(tmp_path, "cm", consistency={"sigma_min": 0.002, "sigma_data": 0.5},
+                 card={"method": "consistency-distillation", "sampler": "consistency", "steps": 2,
+                       "timesteps": [1.0, 0.45, 0.0]})
+    for model, w in ((guided, 2.0), (cm, 0.0)):
+        out = tmp_path / f"{model.stem}-diffusers"
+        r = distill_main("export", "diffusers", model, "--out", out)
+        assert r.returncode == 0, r.stderr
+        assert json.loads((out / "model_index.json").read_text())["unet"][1] == "DistilledUNet"
+        assert _pipeline_against_ours(out, model, labels=labels, guidance=w) <= 1e-4
 
 
 @pytest.mark.parametrize("change, needle", [

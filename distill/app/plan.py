@@ -28,7 +28,7 @@ def commands(entry, folder: Path) -> list[str]:
 def run_entry(entry, folder: Path, *, progress: bool = True) -> StageResult:
     """Run one recipe entry into ``folder`` (each stage resumes where a killed run of it stopped)."""
     from distill.app.stages.bench import run_bench
-    from distill.app.stages.export import run_export, run_tensorrt
+    from distill.app.stages.export import run_diffusers_export, run_export, run_tensorrt
     from distill.app.stages.train import run_consistency, run_progressive, run_teacher
 
     cfg, cmd = entry.config, commands(entry, folder)[0]
@@ -42,6 +42,8 @@ def run_entry(entry, folder: Path, *, progress: bool = True) -> StageResult:
         return run_export(cfg, folder, command=cmd)
     if entry.kind == "tensorrt":
         return run_tensorrt(cfg, folder, command=cmd)
+    if entry.kind == "diffusers":
+        return run_diffusers_export(cfg, folder, command=cmd)
     if entry.kind == "benchmark":
         return run_bench(cfg, folder)
     raise ValueError(f"unknown entry kind {entry.kind}")

@@ -31,12 +31,13 @@ from pydantic import TypeAdapter, ValidationError
 from distill.app.gates import GATE_KINDS, Gate
 from distill.app.stages.base import StageConfig, as_list, describe_error, field_path
 from distill.app.stages.bench import BenchConfig, ModelEntry
-from distill.app.stages.export import ExportConfig, TensorRTConfig
+from distill.app.stages.export import DiffusersExportConfig, ExportConfig, TensorRTConfig
 from distill.app.stages.train import ConsistencyConfig, ProgressiveConfig, TeacherConfig
 from distill.errors import ConfigError, UsageError
 
 STAGE_KINDS: dict[str, type[StageConfig]] = {"progressive": ProgressiveConfig, "consistency": ConsistencyConfig}
-EXPORT_KINDS: dict[str, type[StageConfig]] = {"export": ExportConfig, "tensorrt": TensorRTConfig}
+EXPORT_KINDS: dict[str, type[StageConfig]] = {"export": ExportConfig, "tensorrt": TensorRTConfig,
+                                              "diffusers": DiffusersExportConfig}
 TOP_KEYS = ("name", "description", "precision", "threads", "seed", "teacher", "stages", "exports", "benchmark",
             "gates")
 DEFAULTED = ("precision", "threads", "seed")  # recipe-wide defaults of the stages that have these fields
@@ -257,12 +258,12 @@ def load_recipe(path: Path | str, overrides: tuple[str, ...] = (), out: Path | N
         where = f"exports[{i}]"
         kind = e.get("kind", "export") if isinstance(e, dict) else None
         if kind not in EXPORT_KINDS:
-            raise _fail(source, f"{where}.kind", f"{kind!r}: use export (ONNX) or tensorrt")
+            raise _fail(source, f"{where}.kind", f"{kind!r}: use export (ONNX), tensorrt or diffusers")
         cls = EXPORT_KINDS[kind]
         _check_keys(source, e, ["name", "kind", *_fields(cls)], where)
         n = entry_name(i, e, "exports")
         values = {k: v for k, v in e.items() if k not in ("name", "kind")}
-        if kind == "export":
+        if kind in ("export", "diffusers"):
             values["model"], parent = _ref(source, f"{where}.model", values.get("model"), known, "a model")
         else:
             values["source"], parent = _ref(source, f"{where}.source", values.get("source"), exports, "an export")

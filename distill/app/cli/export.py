@@ -1,4 +1,4 @@
-"""``distill export onnx|tensorrt``."""
+"""``distill export onnx|tensorrt|diffusers``."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from distill.app.cli.common import (
 
 @click.group("export", cls=OneLineGroup)
 def export_():
-    """Ship a model: ONNX (FP32, FP16, INT8 Q/DQ; per step or a fused few-step sampler) and TensorRT engines.
+    """Ship a model: ONNX (FP32, FP16, INT8 Q/DQ; per step or a fused few-step sampler), TensorRT engines and
+    diffusers pipeline directories.
 
     \b
     Example:
@@ -28,6 +29,7 @@ def export_():
       distill export onnx mnist-4step --out exports/mnist-4step-int8 --precision int8
       distill export onnx mnist-4step --out exports/mnist-4step-fused --fused
       distill export tensorrt exports/mnist-4step --out engines/mnist-4step
+      distill export diffusers mnist-4step --out exports/mnist-4step-diffusers
     """
 
 
@@ -117,3 +119,37 @@ def export_tensorrt_(source, out, **params):
         click.echo(r["trtexec"])
         return
     click.echo(f"wrote {out} (TensorRT {r['version']}, {r['gpu']}, compute capability {r['compute_capability']})")
+
+
+@export_.command("diffusers")
+@click.argument("model", metavar="MODEL", callback=non_empty)
+@click.option("--out", type=NonEmptyPath(file_okay=False, path_type=Path), required=True, metavar="DIR",
+              help="The pipeline directory (model_index.json, unet/, scheduler/, distill_export.json); an earlier "
+                   "export there is replaced whole.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=None, metavar="N",
+              help="Steps of the exported grid [card's: a student's own]; a consistency student's other searched "
+                   "step counts are recorded too.")
+@threads_option()
+def export_diffusers_(model, out, **params):
+    """Export MODEL as a diffusers pipeline directory: DDIMPipeline on the student's own grid for progressive and
+    guidance students (and teachers), ConsistencyModelPipeline for consistency students. The pipeline is run
+    against distill's sampler on the same per-sample generators before anything is written (bound 1e-4).
+
+    \b
+    A plain diffusers UNet2DModel on diffusers' own trailing grid loads with stock diffusers; any other student
+    is a DistilledUNet: import export.diffusers_pipeline before DiffusionPipeline.from_pretrained(DIR).
+
+    \b
+    Example:
+      distill export diffusers runs/pd/steps-2 --out exports/pd-diffusers
+      python -c "import export.diffusers_pipeline, diffusers; p = diffusers.DiffusionPipeline.from_pretrained(
+        'exports/pd-diffusers'); p(batch_size=4, num_inference_steps=2)"
+    """
+    from distill.app.stages.export import DiffusersExportConfig, run_diffusers_export
+
+    cfg = build(DiffusersExportConfig, model=model, **params)
+    r = run_diffusers_export(cfg, out, command=command_line()).record
+    call = ", ".join(f"{k}={v}" for k, v in r["call"].items() if v is not None)
+    click.echo(f"wrote {out} ({r['pipeline']} with a {r['unet']} and a {r['scheduler']}; call it with {call}); max "
+               f"relative error against distill's sampler: {r['parity']['max_rel_err']:.2e} (bound "
+               f"{r['parity']['tolerance']:g})")

@@ -127,3 +127,36 @@ def run_tensorrt(cfg: TensorRTConfig, out: Path, *, command: str = "") -> StageR
     t = manifest["tensorrt"]
     return StageResult({"engine": out}, {"built": True, "version": t["version"], "gpu": t["gpu"],
                                          "compute_capability": t["compute_capability"], "trtexec": t.get("trtexec")})
+
+
+class DiffusersExportConfig(StageConfig):
+    """``distill export diffusers``: MODEL as a diffusers pipeline directory (``DDIMPipeline`` for DDIM students
+    and teachers, ``ConsistencyModelPipeline`` for consistency students), checked against distill's own sampler
+    on the same noise before anything is written."""
+
+    kind: ClassVar[str] = "diffusers"
+    cli: ClassVar[str] = "export diffusers"
+    positional: ClassVar[tuple[str, ...]] = ("model",)
+    inputs: ClassVar[tuple[str, ...]] = ("model",)
+
+    model: str = Field(min_length=1)
+    steps: int | None = Field(None, ge=1, le=1000)
+    threads: int | None = None
+
+    _threads = field_validator("threads")(lambda cls, v: check_threads(v))
+
+
+def run_diffusers_export(cfg: DiffusersExportConfig, out: Path, *, command: str = "") -> StageResult:
+    """Write the diffusers pipeline directory ``out``; an earlier export there is replaced whole."""
+    from export.diffusers_pipeline import export_diffusers
+
+    out = Path(out)
+    with torch_threads(cfg.threads):
+        record = export_diffusers(cfg.model, out, steps=cfg.steps, command=command or cfg.command(out),
+                                  log=log.info)
+    p = record["parity"]
+    return StageResult({"export": out},
+                       {"pipeline": record["pipeline"], "unet": record["unet"], "scheduler": record["scheduler"],
+                        "steps": record["steps"], "call": record["call"],
+                        "parity": {"against": p["against"], "max_rel_err": p["max_rel_err"],
+                                   "tolerance": p["tolerance"]}})
