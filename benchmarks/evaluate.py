@@ -53,6 +53,7 @@ def evaluate(source: str, *, data_spec: str | None = None, ref: str = "A", metri
     backend and device combination, the domain classifier, the image shape against ``data_spec``, the number of
     samples each metric needs, and (for ``metrics`` asked for explicitly) that ``acc`` has labels to check."""
     from distill.data import load_dataset
+    from distill.latent import output_shape
     from distill.preflight import check_device
     from distill.samplers import nfe
 
@@ -101,7 +102,7 @@ def evaluate(source: str, *, data_spec: str | None = None, ref: str = "A", metri
         seeds = list(range(2500)) if seeds is None else seeds
         labels = [] if den.num_classes else None  # the requested classes, known before sampling
         what, fix = "--seeds", "pass more seeds (e.g. --seeds 0-99)"
-        shape = tuple(den.image_shape)
+        shape = output_shape(den)  # a latent model's decoded images
         images = None
     if shape != tuple(quality.data.shape):
         size = "x".join(map(str, quality.data.shape))

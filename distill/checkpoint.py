@@ -183,7 +183,10 @@ def model_metadata(den) -> dict[str, Any]:
     if den.clip_x0 is not None:
         diffusion["clip_x0"] = den.clip_x0
     arch = ARCH if isinstance(den.net, DiffusersUNet) else "unet"
-    return {"model": {"arch": arch, "config": den.net.config.to_dict()}, "diffusion": diffusion}
+    meta = {"model": {"arch": arch, "config": den.net.config.to_dict()}, "diffusion": diffusion}
+    if getattr(den, "latent", None):
+        meta["latent"] = dict(den.latent)
+    return meta
 
 
 def build_denoiser(meta: dict[str, Any], source: str = "checkpoint"):
@@ -208,9 +211,11 @@ def build_denoiser(meta: dict[str, Any], source: str = "checkpoint"):
         # the native UNet keeps label num_classes as the null class of classifier-free guidance; a diffusers
         # UNet has none
         null = cfg.num_classes if cfg.num_classes and net_class is UNet else None
-        return Denoiser(net_class(cfg), schedule_from_config(diffusion["schedule"]), diffusion["prediction"],
-                        diffusion["time_input"], null_label=null, guidance_input=cfg.guidance_embed,
-                        consistency=diffusion.get("consistency"), clip_x0=diffusion.get("clip_x0"))
+        den = Denoiser(net_class(cfg), schedule_from_config(diffusion["schedule"]), diffusion["prediction"],
+                       diffusion["time_input"], null_label=null, guidance_input=cfg.guidance_embed,
+                       consistency=diffusion.get("consistency"), clip_x0=diffusion.get("clip_x0"))
+        den.latent = meta.get("latent")
+        return den
     except KeyError as e:
         raise UsageError(f"{source}: incomplete metadata (missing {e}); re-create the file with distill") from None
     except (TypeError, ValueError) as e:

@@ -148,7 +148,7 @@ def search_timesteps(den, data, *, samples: int, max_steps: int, scorer: Scorer,
     from distill.sampling import draw_samples
 
     try:
-        score = scorer(data, SEARCH_REF)
+        score = scorer(getattr(data, "pixels", None) or data, SEARCH_REF)  # on images (a latent model decodes)
     except UsageError as e:
         log(f"timestep search skipped ({e}); the card keeps the default Karras-spaced times")
         return None

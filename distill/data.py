@@ -28,6 +28,7 @@ class ImageDataset:
     num_classes: int
     class_names: list[str] | None = None
     spec: str = ""  # how to load it again (``--data``), set by :func:`load_dataset`
+    pixels: ImageDataset | None = None  # for a latent model's encoded data: the images they encode
 
     def __len__(self) -> int:
         return self.images.shape[0]

@@ -132,6 +132,8 @@ class Denoiser(nn.Module):
         self.clip_x0 = None if clip_x0 is None else float(clip_x0)
         if self.clip_x0 is not None and not self.clip_x0 > 0:
             raise ValueError(f"clip_x0 must be > 0, got {clip_x0}")
+        # a latent model's autoencoder record (distill.latent): what its samples decode with; None in pixel space
+        self.latent: dict | None = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -147,8 +149,10 @@ class Denoiser(nn.Module):
     def with_net(self, net: nn.Module) -> Denoiser:
         """The same denoiser (schedule, parameterization, guidance, boundary condition) around another network of
         the same kind: a consistency method's target network, an EMA."""
-        return Denoiser(net, self.schedule, self.prediction, self.time_input, self.null_label, self.guidance_input,
-                        self.consistency, self.clip_x0)
+        den = Denoiser(net, self.schedule, self.prediction, self.time_input, self.null_label, self.guidance_input,
+                       self.consistency, self.clip_x0)
+        den.latent = self.latent
+        return den
 
     def alpha_sigma(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         """Per-sample ``(alpha, sigma)`` (computed in float32) broadcastable against ``like``, in its dtype."""

@@ -43,8 +43,9 @@ WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.
 DEFAULT_STEPS = 50  # DDIMPipeline's num_inference_steps
 
 
-def diffusers_parts(path: Path) -> tuple[Path, Path] | None:
-    """``(unet_dir, scheduler_config)`` of a diffusers directory, or None when ``path`` is not one."""
+def diffusers_parts(path: Path) -> tuple[Path, Path, Path | None] | None:
+    """``(unet_dir, scheduler_config, vae_dir)`` of a diffusers directory (``vae_dir`` None unless a pipeline holds
+    an autoencoder: a latent teacher, :mod:`distill.latent`), or None when ``path`` is not one."""
     path = Path(path)
     if not path.is_dir():
         return None
@@ -55,13 +56,14 @@ def diffusers_parts(path: Path) -> tuple[Path, Path] | None:
                              "pipeline with a UNet2DModel (unet/) and its scheduler (scheduler/)")
         if not sched.is_file():
             raise UsageError(f"{path}: no scheduler/scheduler_config.json; the UNet's noise schedule comes from it")
-        return unet, sched
+        vae = path / "vae"
+        return unet, sched, vae if (vae / "config.json").is_file() else None
     if (path / "config.json").is_file() and any((path / w).is_file() for w in WEIGHT_FILES):
         sched = path / "scheduler_config.json"
         if not sched.is_file():
             raise UsageError(f"{path}: a diffusers UNet directory without scheduler_config.json; put the scheduler "
                              "config the UNet was trained with beside it (or pass the pipeline directory)")
-        return path, sched
+        return path, sched, None
     return None
 
 
@@ -110,12 +112,16 @@ def diffusion_config(sched: dict[str, Any], where: Path) -> tuple[dict[str, Any]
     return diffusion, card
 
 
-def _digest(unet_dir: Path, sched: Path) -> str:
-    """One hash over the UNet's config and weights and the scheduler config (each file's sha256)."""
+def _digest(unet_dir: Path, sched: Path, vae: Path | None) -> str:
+    """One hash over the UNet's config and weights, the scheduler config and the autoencoder (each file's
+    sha256)."""
     from distill.checkpoint import file_sha256
+    from distill.latent import autoencoder_digest
 
     files = [unet_dir / "config.json", sched, *(unet_dir / w for w in WEIGHT_FILES)]
-    parts = (f"{p.name}:{file_sha256(p)}" for p in files if p.is_file())
+    parts = [f"{p.name}:{file_sha256(p)}" for p in files if p.is_file()]
+    if vae is not None:
+        parts.append(f"vae:{autoencoder_digest(vae)}")
     return hashlib.sha256(";".join(parts).encode()).hexdigest()
 
 
@@ -126,8 +132,8 @@ def diffusers_model_file(path: Path, parts: tuple[Path, Path]) -> Path:
     from distill.models.diffusers_unet import ARCH, DiffusersUNet, DiffusersUNetConfig, public_config
     from distill.rundir import cache_dir
 
-    unet_dir, sched_path = parts
-    digest = _digest(unet_dir, sched_path)
+    unet_dir, sched_path, vae_dir = parts
+    digest = _digest(unet_dir, sched_path, vae_dir)
     out = cache_dir() / "diffusers" / f"{digest[:24]}.safetensors"
     if out.is_file():
         try:
@@ -159,6 +165,10 @@ def diffusers_model_file(path: Path, parts: tuple[Path, Path]) -> Path:
     net.unet.load_state_dict(unet.state_dict())
     meta = {"model": {"arch": ARCH, "config": net.config.to_dict()}, "diffusion": diffusion, "card": card,
             "source": {"diffusers": str(Path(path).resolve()), "digest": digest}}
+    if vae_dir is not None:
+        from distill.latent import latent_record
+
+        meta["latent"] = latent_record(vae_dir, net.config.in_channels, net.config.image_size, unet_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_model(out, net, meta)
     return out

@@ -136,9 +136,12 @@ def make_student(parent, *, guidance_input: bool, prediction: str, seed: int = 0
     for m in net.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = dropout
-    return Denoiser(net.train(), copy.deepcopy(parent.schedule), prediction, parent.time_input, parent.null_label,
-                    guidance_input=guidance_input or parent.guidance_input, consistency=consistency,
-                    clip_x0=parent.clip_x0)  # a diffusers teacher's clip_sample: its students clip as it does
+    student = Denoiser(net.train(), copy.deepcopy(parent.schedule), prediction, parent.time_input,
+                       parent.null_label, guidance_input=guidance_input or parent.guidance_input,
+                       consistency=consistency,
+                       clip_x0=parent.clip_x0)  # a diffusers teacher's clip_sample: its students clip as it does
+    student.latent = parent.latent  # a latent teacher's students work on (and decode) the same latents
+    return student
 
 
 def student_card(*, stage: Stage, index: int, total: int, parent: str, parent_sha256: str, teacher: str,
@@ -251,11 +254,15 @@ def teacher_data(teacher, teacher_spec: str, data_spec: str | None):
     data_spec = data_spec or (teacher.metadata.get("data") or {}).get("spec")
     if not data_spec:
         raise UsageError(f"{teacher_spec}: does not record its training data; pass --data")
+    from distill.latent import encode_dataset, output_shape
+
     data = load_dataset(data_spec)
-    shape = (teacher.net.config.in_channels, teacher.net.config.image_size, teacher.net.config.image_size)
+    shape = output_shape(teacher)
     if tuple(data.shape) != shape:
         raise UsageError(f"--data {data_spec}: images are {'x'.join(map(str, data.shape))} but {teacher_spec} "
                          f"makes {'x'.join(map(str, shape))}; distill on the teacher's own data")
+    if teacher.latent:  # a latent teacher distills on the data's latents (encoded once, cached)
+        data = encode_dataset(data, teacher.latent)
     return data_spec, data
 
 

@@ -14,6 +14,7 @@ from torch import Tensor
 from distill.checkpoint import atomic_write, card_guidance, card_sampling
 from distill.denoiser import Cond
 from distill.errors import UsageError
+from distill.latent import decode_latents
 from distill.samplers import check_sampler_options, generate
 
 
@@ -106,10 +107,11 @@ def draw_samples(den, *, sampler: str | None = None, steps: int | None = None, s
             sl = slice(start, start + batch_size)
             cond = Cond(labels[sl].to(device) if labels is not None else None, guidance)
             if fused:
-                chunks.append(den.sample(seeds[sl], cond).float().cpu())
-                continue
-            chunks.append(generate(den, shape, seeds[sl], sampler=sampler, steps=steps, spacing=spacing, cond=cond,
-                                   device=device, eta=eta, progress=progress, timesteps=timesteps).float().cpu())
+                x = den.sample(seeds[sl], cond).float()
+            else:
+                x = generate(den, shape, seeds[sl], sampler=sampler, steps=steps, spacing=spacing, cond=cond,
+                             device=device, eta=eta, progress=progress, timesteps=timesteps).float()
+            chunks.append(decode_latents(den, x).cpu())  # a latent model's samples, decoded to images
     return to_uint8(torch.cat(chunks)), labels
 
 

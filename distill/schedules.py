@@ -157,6 +157,7 @@ class DiscreteSchedule(Schedule):
         lam = torch.log(ac) - torch.log1p(-ac)
         lam = torch.cat([torch.tensor([max(LOGSNR_MAX, float(lam[0]) + 1.0)], dtype=torch.float64), lam])
         self._logsnr64 = lam  # host-side float64 copy, for samplers and tests
+        self._logsnr_np = lam.numpy()
         self.register_buffer("logsnr_table", lam.float(), persistent=False)
 
     def alphas_cumprod(self) -> Tensor:
@@ -170,6 +171,13 @@ class DiscreteSchedule(Schedule):
 
     def logsnr(self, t: Tensor) -> Tensor:
         T = self.num_train_timesteps
+        if t.dtype == torch.float64 and t.ndim == 0:
+            # one host-side time (a sampler's step arithmetic): plain floats on a numpy copy of the table, so that
+            # inside an export trace (a fused sampler graph) the value stays a known constant, not a lookup
+            pos = min(max(float(t) * T, 0.0), float(T))
+            k = min(int(math.floor(pos)), T - 1)
+            lo, hi = self._logsnr_np[k], self._logsnr_np[k + 1]
+            return torch.tensor(float(lo + (pos - k) * (hi - lo)), dtype=torch.float64, device=t.device)
         table = self._logsnr64.to(t.device) if t.dtype == torch.float64 else self.logsnr_table
         pos = (t * T).clamp(0, T)
         k = pos.floor().clamp(max=T - 1)

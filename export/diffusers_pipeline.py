@@ -307,6 +307,9 @@ def export_diffusers(model: str, out: Path, *, steps: int | None = None, command
                          "earlier export's folder is replaced whole)")
     path = resolve_model_path(model)
     den = load_denoiser(model).float()
+    if den.latent:
+        raise UsageError(f"{model}: a latent model; diffusers' DDIM and consistency pipelines have no autoencoder, so "
+                         "export it with 'distill export onnx' (the decoder is written beside the denoiser)")
     interface, times = _sampling(den, steps, str(model))
     card = (den.metadata or {}).get("card") or {}
     all_times = [times, *[[float(t) for t in ts] for ts in (card.get("timesteps_by_steps") or {}).values()]] \

@@ -53,7 +53,7 @@ def fused_noise(seeds: Sequence[int], shape: Sequence[int], slots: int) -> Tenso
 
 class FusedSampler(nn.Module):
     """``(noise[, labels][, w]) -> image``: ``sampler`` on ``timesteps`` (``k + 1`` decreasing times ending at 0)
-    around ``denoiser``, unrolled into one graph.
+    around ``denoiser``, unrolled into one graph (then, for a latent model given its ``decoder``, the decode).
 
     ``noise`` is ``(B, 1 + slots, C, H, W)`` standard normal (see :func:`fused_noise`); the prior is
     ``prior_scale * noise[:, 0]`` (:func:`~distill.samplers.prior_scale`). Like
@@ -61,8 +61,9 @@ class FusedSampler(nn.Module):
     """
 
     def __init__(self, denoiser: Denoiser, sampler: str, timesteps: Sequence[float], shape: Sequence[int],
-                 labels: bool, guided: bool = False):
+                 labels: bool, guided: bool = False, decoder: nn.Module | None = None):
         super().__init__()
+        self.decoder = decoder  # a latent model's decoder (distill.latent.Decoder): the graph ends in images
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}")
         if guided and not labels:
@@ -100,5 +101,6 @@ class FusedSampler(nn.Module):
         # One 0-d tensor per time, made here from Python floats: under torch.export they stay known constants (a
         # (k+1)-element tensor would become a fake tensor whose values the host-side arithmetic cannot read).
         ts = [torch.tensor(t, dtype=torch.float32) for t in self.times]
-        return SAMPLERS[self.sampler](self.denoiser, x, ts, schedule=self.denoiser.schedule, cond=cond,
-                                      generator=ReplayNoise(noise[:, 1:]))
+        x = SAMPLERS[self.sampler](self.denoiser, x, ts, schedule=self.denoiser.schedule, cond=cond,
+                                   generator=ReplayNoise(noise[:, 1:]))
+        return x if self.decoder is None else self.decoder(x)

@@ -185,7 +185,11 @@ def fused_parity(fused: FusedSampler, session, batches: tuple[int, ...], guidanc
         labels = inputs[1] if fused.labels else None
         w = inputs[2] if fused.guided else (guidance if fused.labels else 0.0)
         ref = generate(den, fused.shape, seeds, sampler=fused.sampler, steps=fused.steps,
-                       timesteps=fused.times, cond=Cond(labels, w)).numpy().astype(np.float64)
+                       timesteps=fused.times, cond=Cond(labels, w))
+        if fused.decoder is not None:
+            with torch.no_grad():
+                ref = fused.decoder(ref)
+        ref = ref.numpy().astype(np.float64)
         feed = {n: v.numpy() for n, v in zip(fused.input_names, inputs)}
         got = session.run(None, feed)[0]
         out[f"b{b}"] = {"rel_err": rel_err(got, ref), "finite": bool(np.isfinite(got).all())}
@@ -291,11 +295,16 @@ def export_onnx(model: str, out: Path, opts: ExportOptions, *, command: str = ""
                       "command": command}
     if opts.fused:
         sampler, times = fused_sampling(den, opts, model)
-        module = FusedSampler(den, sampler, times, shape, labels, guided).eval()
+        decoder = None
+        if den.latent:  # a latent model's fused graph decodes too: noise in, images out
+            from distill.latent import Decoder, load_autoencoder
+
+            decoder = Decoder(load_autoencoder(den.latent, str(model))).eval()
+        module = FusedSampler(den, sampler, times, shape, labels, guided, decoder=decoder).eval()
         example = module.example_inputs(2)
         output = "image"
         manifest.update({"kind": "sampler", "sampler": sampler, "steps": len(times) - 1, "timesteps": times,
-                         "noise_slots": module.slots})
+                         "noise_slots": module.slots, "decodes": decoder is not None})
     else:
         module = DenoiserGraph(den, labels=labels, guided=guided).eval()
         example = module.example_inputs(2, shape)
@@ -363,6 +372,11 @@ def export_onnx(model: str, out: Path, opts: ExportOptions, *, command: str = ""
             raise DistillError(f"{model}: the {opts.precision} ONNX graph disagrees with torch at {', '.join(bad)} "
                                f"(max relative error {manifest['parity']['max_rel_err']:.2e}, bound {bound}); "
                                "nothing was written to " + str(out))
+        if den.latent:  # the decoder beside the graph: the folder holds every network a deployment needs
+            from export.decoder import export_decoder
+
+            manifest["decoder"] = export_decoder(den, stage, opts.precision if opts.precision == "fp16" else "fp32",
+                                                 log=log)
         manifest["files"] = {p.name: sha256(p) for p in sorted(stage.iterdir()) if p.is_file()}
         manifest["versions"] = library_versions()
         manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

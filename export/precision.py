@@ -56,13 +56,15 @@ def conditioning_nodes(model, image_input: str) -> list[str]:
     return out
 
 
-def to_fp16(model, image_input: str = "x_t", keep_ops: Sequence[str] = FP16_KEEP_OPS):
-    """An explicit-cast FP16 copy of an fp32 ONNX model (inputs and outputs stay fp32) and the fp32 node list."""
+def to_fp16(model, image_input: str = "x_t", keep_ops: Sequence[str] = FP16_KEEP_OPS,
+            keep_nodes: Sequence[str] = ()):
+    """An explicit-cast FP16 copy of an fp32 ONNX model (inputs and outputs stay fp32) and the fp32 node list;
+    ``keep_nodes`` are kept in fp32 besides the conditioning path and ``keep_ops``."""
     from onnxconverter_common import float16
 
     # the converter's own list holds the ops without fp16 kernels or with float-typed control inputs (Resize)
     ops = sorted(set(keep_ops) | set(float16.DEFAULT_OP_BLOCK_LIST))
-    keep_nodes = conditioning_nodes(model, image_input)
+    keep_nodes = sorted(set(conditioning_nodes(model, image_input)) | set(keep_nodes))
     kept = sorted(set(keep_nodes) | {n.name for n in model.graph.node if n.op_type in ops})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "the float32 number ... will be truncated to 1e-07": tiny weights, known

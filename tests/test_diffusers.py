@@ -268,6 +268,96 @@ def test_native_students_export_through_the_distilled_unet(tmp_path, distill_mai
         assert _pipeline_against_ours(out, model, labels=labels, guidance=w) <= 1e-4
 
 
+@pytest.fixture(scope="module")
+def latent_dir(tmp_path_factory):
+    """A latent teacher: a small AutoencoderKL (8x8 digits -> 2x4x4 latents, scaling_factor 0.5) and a UNet2DModel
+    on its latents, each briefly trained, saved as a pipeline directory with vae/, unet/ and scheduler/."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=2, norm_num_groups=8, sample_size=8, scaling_factor=0.5)
+    images = load_dataset("digits").images
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(vae.parameters(), lr=3e-3)
+    for _ in range(60):
+        x = images[torch.randint(0, len(images), (64,), generator=g)]
+        posterior = vae.encode(x).latent_dist
+        loss = (vae.decode(posterior.sample(generator=g)).sample - x).pow(2).mean() + 1e-4 * posterior.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        latents = vae.encode(images).latent_dist.mode() * 0.5
+    unet = UNet2DModel(sample_size=4, in_channels=2, out_channels=2, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, norm_num_groups=8)
+    scheduler = DDPMScheduler(clip_sample=False)
+    opt = torch.optim.Adam(unet.parameters(), lr=3e-3)
+    for _ in range(40):
+        z0 = latents[torch.randint(0, len(latents), (32,), generator=g)]
+        noise, t = torch.randn(z0.shape, generator=g), torch.randint(0, 1000, (32,), generator=g)
+        loss = (unet(scheduler.add_noise(z0, noise, t), t).sample - noise).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    path = tmp_path_factory.mktemp("latent") / "ldm"
+    for name, part in (("vae", vae), ("unet", unet), ("scheduler", scheduler)):
+        part.save_pretrained(str(path / name))
+    (path / "model_index.json").write_text(json.dumps({
+        "_class_name": "DiffusionPipeline", "unet": ["diffusers", "UNet2DModel"],
+        "scheduler": ["diffusers", "DDPMScheduler"], "vae": ["diffusers", "AutoencoderKL"]}))
+    return path
+
+
+def test_a_latent_teacher_distills_samples_evaluates_and_exports_with_its_decoder(latent_dir, tmp_path,
+                                                                                    distill_main):
+    """The denoiser works on latents, the samples are decoded images; the student inherits the autoencoder; the
+    fused export ends in the decode and writes decoder.onnx (parity in ONNX Runtime); the FP16 export's decoder is
+    finite and in range on the data's own latents."""
+    import onnxruntime as ort
+
+    from distill.checkpoint import load_denoiser, read_metadata
+    from distill.latent import Decoder, load_autoencoder
+
+    r = distill_main("sample", latent_dir, "--steps", "4", "--seeds", "0-7", "--out", tmp_path / "teacher")
+    assert r.returncode == 0, r.stderr
+    assert np.load(tmp_path / "teacher" / "samples.npz")["images"].shape == (8, 8, 8, 1)  # decoded, not 2x4x4
+    r = distill_main("progressive", latent_dir, "--data", "digits", "--out", tmp_path / "pd", "--start-steps", "2",
+                     "--target-steps", "1", "--round-steps", "6", "--batch-size", "8")
+    assert r.returncode == 0, r.stderr
+    student = tmp_path / "pd" / "steps-1" / "model.safetensors"  # one step: the fused graph traces it once
+    latent = read_metadata(student)["latent"]
+    assert latent["scaling_factor"] == 0.5 and latent["latent_shape"] == [2, 4, 4]
+    assert latent["image_shape"] == [1, 8, 8]
+    r = distill_main("eval", student, "--data", "digits", "--seeds", "0-19", "--metrics", "fd", "--out",
+                     tmp_path / "eval.json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "eval.json").read_text())["fd"] > 0
+
+    ae = load_autoencoder(latent)
+    real = ae.encode(load_dataset("digits").images[:64])  # the data's own latents
+    with torch.no_grad():
+        ref = Decoder(ae)(real).numpy()
+    for precision in ("fp32", "fp16"):
+        out = tmp_path / f"x-{precision}"
+        r = distill_main("export", "onnx", student, "--fused", "--precision", precision, "--out", out)
+        assert r.returncode == 0, r.stderr
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["decodes"] and manifest["decoder"]["graph"] == "decoder.onnx"
+        got = ort.InferenceSession(str(out / "decoder.onnx")).run(None, {"latents": real.numpy()})[0]
+        err = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+        assert np.isfinite(got).all() and np.abs(got).max() <= 1.05 * np.abs(ref).max()
+        assert manifest["decoder"]["precision"] == precision and err <= (1e-5 if precision == "fp32" else 1e-2)
+        r = distill_main("sample", out, "--seeds", "0-7", "--out", tmp_path / f"s-{precision}")
+        assert r.returncode == 0, r.stderr
+    r = distill_main("sample", student, "--seeds", "0-7", "--out", tmp_path / "s-torch")
+    ours = np.load(tmp_path / "s-torch" / "samples.npz")["images"].astype(int)
+    fused = np.load(tmp_path / "s-fp32" / "samples.npz")["images"].astype(int)
+    assert ours.shape == (8, 8, 8, 1) and np.abs(ours - fused).max() <= 1
+    assert load_denoiser(student).latent == latent
+
+
 @pytest.mark.parametrize("change, needle", [
     ({"thresholding": True}, "dynamic thresholding is not supported"),
     ({"beta_schedule": "sigmoid"}, "beta_schedule 'sigmoid'"),

@@ -41,6 +41,7 @@ import torch
 from benchmarks.bench.grid import Config, Grid, model_digest, model_sha256
 from distill.errors import UsageError
 from distill.hardware import cpu_info
+from distill.latent import decode_latents, latent_of
 
 LOG = logging.getLogger("distill")  # progress lines: the CLI prints them, a library caller configures logging
 
@@ -278,6 +279,10 @@ def measure_group(configs: list[Config], exports: str, device: str, threads: int
             evals[c.batch] = _time_eval(f, c.batch, cond, timing)
         row.update(evals.get(c.batch, {}) if not fused else {})
         row["sample_times_ms"] = timed_calls(_sample_call(f, c, seeds, cond, device), warmup=1, **timing)
+        if latent_of(f) and not getattr(f, "decodes_itself", False):
+            # a latent model's decode, alone (the whole sample above includes it): at few steps it can dominate
+            z = torch.randn((c.batch, *f.image_shape), generator=torch.Generator().manual_seed(0)).to(device)
+            row["decode_times_ms"] = timed_calls(lambda z=z, f=f: decode_latents(f, z), warmup=1, **timing)
         row.update(peak_memory(device))
         rows.append(row)
     return rows
@@ -298,7 +303,7 @@ def pooled_row(passes: list[dict]) -> dict:
     """A configuration's row from its passes: median, p10 and p90 over the timed calls of all passes, each
     pass's median (``*_round_ms``), images/s from the pooled whole-sample median, the highest peak memory."""
     row = {k: v for k, v in passes[0].items() if not k.endswith("_times_ms") and k not in ("round", "first_call_s")}
-    for what in ("sample", "eval"):
+    for what in ("sample", "eval", "decode"):
         if f"{what}_times_ms" not in passes[0]:
             continue
         s = summarize([t for p in passes for t in p[f"{what}_times_ms"]])
@@ -316,15 +321,16 @@ def pooled_row(passes: list[dict]) -> dict:
 
 
 def _sample_call(f, c: Config, seeds: list[int], cond, device: str) -> Callable[[], Any]:
-    """A whole sample of ``c``: the sampler loop over the denoiser, or the fused graph's one call."""
+    """A whole sample of ``c``: the sampler loop over the denoiser, or the fused graph's one call; then, for a
+    latent model, the decode to images (inside a fused graph that includes it)."""
     if getattr(f, "kind", "denoiser") == "sampler":
-        return lambda: f.sample(seeds, cond)
+        return lambda: decode_latents(f, f.sample(seeds, cond))
     from distill.checkpoint import card_sampling
     from distill.samplers import generate
 
     _, _, spacing, timesteps = card_sampling(f.metadata, c.sampler, c.steps)
-    return lambda: generate(f, f.image_shape, seeds, sampler=c.sampler, steps=c.steps, spacing=spacing, cond=cond,
-                            device=device, timesteps=timesteps)
+    return lambda: decode_latents(f, generate(f, f.image_shape, seeds, sampler=c.sampler, steps=c.steps,
+                                              spacing=spacing, cond=cond, device=device, timesteps=timesteps))
 
 
 def _with_environment(env: dict[str, str], fn, *args):

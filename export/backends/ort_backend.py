@@ -49,6 +49,17 @@ class OrtBackend:
         self.session = ort_session(Path(manifest["path"]), self.providers, threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self._keep = keep  # the temporary folder of an on-the-fly export lives as long as the backend
+        # a latent model's export: its decoder.onnx decodes the samples (a fused graph decodes inside)
+        self.decodes_itself = bool(manifest.get("decodes"))
+        decoder = manifest.get("decoder")
+        if decoder and not self.decodes_itself:
+            self._decoder = ort_session(Path(manifest["path"]).parent / decoder["graph"], self.providers, threads)
+            self.decode = self._decode
+
+    def _decode(self, latents: Tensor) -> Tensor:
+        """Images from latents, through the export's decoder graph."""
+        out = self._decoder.run(None, {"latents": latents.detach().cpu().float().numpy()})[0]
+        return torch.from_numpy(out).to(latents.device)
 
     @classmethod
     def from_model(cls, model: str, device: str = "cpu", tensorrt_ep: bool = False, threads: int | None = None):
