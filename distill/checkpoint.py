@@ -182,7 +182,10 @@ def model_metadata(den) -> dict[str, Any]:
         diffusion["consistency"] = dict(den.consistency)
     if den.clip_x0 is not None:
         diffusion["clip_x0"] = den.clip_x0
-    arch = ARCH if isinstance(den.net, DiffusersUNet) else "unet"
+    from distill.factory import ARCH as FACTORY
+    from distill.factory import FactoryNet
+
+    arch = ARCH if isinstance(den.net, DiffusersUNet) else FACTORY if isinstance(den.net, FactoryNet) else "unet"
     meta = {"model": {"arch": arch, "config": den.net.config.to_dict()}, "diffusion": diffusion}
     if getattr(den, "latent", None):
         meta["latent"] = dict(den.latent)
@@ -200,8 +203,11 @@ def build_denoiser(meta: dict[str, Any], source: str = "checkpoint"):
     if not isinstance(model, dict) or not isinstance(diffusion, dict):
         raise UsageError(f"{source}: incomplete metadata (no 'model' and 'diffusion' config); re-create the file "
                          "with distill (teacher train / publish)")
+    from distill import factory
+
     archs = {"unet": (UNet, UNetConfig), diffusers_unet.ARCH: (diffusers_unet.DiffusersUNet,
-                                                               diffusers_unet.DiffusersUNetConfig)}
+                                                               diffusers_unet.DiffusersUNetConfig),
+             factory.ARCH: (factory.FactoryNet, factory.FactoryConfig)}
     if model.get("arch") not in archs:
         raise UsageError(f"{source}: unknown architecture {model.get('arch')!r}; this build knows "
                          f"{', '.join(map(repr, archs))}")
@@ -209,8 +215,8 @@ def build_denoiser(meta: dict[str, Any], source: str = "checkpoint"):
         net_class, config_class = archs[model["arch"]]
         cfg = config_class.from_dict(model["config"])
         # the native UNet keeps label num_classes as the null class of classifier-free guidance; a diffusers
-        # UNet has none
-        null = cfg.num_classes if cfg.num_classes and net_class is UNet else None
+        # UNet2DConditionModel its conditioning table's null row (if any); a UNet2DModel has none
+        null = (cfg.num_classes if cfg.num_classes else None) if net_class is UNet else cfg.null_label
         den = Denoiser(net_class(cfg), schedule_from_config(diffusion["schedule"]), diffusion["prediction"],
                        diffusion["time_input"], null_label=null, guidance_input=cfg.guidance_embed,
                        consistency=diffusion.get("consistency"), clip_x0=diffusion.get("clip_x0"))
@@ -233,6 +239,10 @@ def shipped_models() -> list[str]:
 def resolve_model_path(path: Path | str) -> Path:
     """A model file, a run directory, the name of a shipped model, or a diffusers directory (converted once into a
     model file, :mod:`distill.diffusers_teacher`) -> the model file's path."""
+    from distill.factory import factory_model_file, is_factory_spec
+
+    if is_factory_spec(path):  # factory:MODULE:FUNCTION, a network built by user code (distill.factory)
+        return factory_model_file(str(path))
     path = Path(path)
     if not path.exists() and path.name == str(path) and (SHIPPED_DIR / f"{path}.safetensors").is_file():
         return SHIPPED_DIR / f"{path}.safetensors"

@@ -1,4 +1,5 @@
-"""Teachers from diffusers directories: a ``UNet2DModel`` and its scheduler config, as a distill model file.
+"""Teachers from diffusers directories: a ``UNet2DModel`` or ``UNet2DConditionModel`` (with precomputed
+conditioning) and its scheduler config, with an ``AutoencoderKL`` for a latent teacher, as a distill model file.
 
 A diffusers pipeline directory (``model_index.json`` with ``unet/`` and ``scheduler/``, what
 ``DDPMPipeline.save_pretrained`` writes) or a UNet directory holding its own ``scheduler_config.json`` is taken
@@ -17,8 +18,9 @@ onto the continuous-time denoiser:
   walks ``DDIMPipeline``'s timesteps.
 
 Nothing is downloaded: the directory is read with diffusers' local loaders. What cannot be mapped exactly
-(``trained_betas``, ``rescale_betas_zero_snr``, dynamic thresholding, a conditional ``UNet2DConditionModel``,
-non-square images) is refused with a one-line error naming the file and key.
+(``trained_betas``, ``rescale_betas_zero_snr``, dynamic thresholding, a ``UNet2DConditionModel`` without its
+precomputed ``conditioning.safetensors`` or with added embeddings, non-square images) is refused with a one-line
+error naming the file and key.
 """
 
 from __future__ import annotations
@@ -118,11 +120,60 @@ def _digest(unet_dir: Path, sched: Path, vae: Path | None) -> str:
     from distill.checkpoint import file_sha256
     from distill.latent import autoencoder_digest
 
-    files = [unet_dir / "config.json", sched, *(unet_dir / w for w in WEIGHT_FILES)]
+    files = [unet_dir / "config.json", sched, *(unet_dir / w for w in WEIGHT_FILES),
+             *[p for p in conditioning_candidates(unet_dir) if p.is_file()][:1]]
     parts = [f"{p.name}:{file_sha256(p)}" for p in files if p.is_file()]
     if vae is not None:
         parts.append(f"vae:{autoencoder_digest(vae)}")
     return hashlib.sha256(";".join(parts).encode()).hexdigest()
+
+
+CONDITIONING_FILE = "conditioning.safetensors"
+CONDITIONAL_UNSUPPORTED = ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim")
+
+
+def conditioning_candidates(unet_dir: Path) -> list[Path]:
+    """Where a conditional UNet's precomputed conditioning is looked for: beside the pipeline, then in the UNet's
+    own folder."""
+    return [unet_dir.parent / CONDITIONING_FILE, unet_dir / CONDITIONING_FILE]
+
+
+def read_conditioning(unet_dir: Path, unet_cfg: dict[str, Any]):
+    """``(table, null_row)``: the ``encoder_hidden_states`` rows (``K x L x D``) of a ``UNet2DConditionModel``,
+    with its null row appended when the file has one; a one-line error names the file to write."""
+    import torch
+    from safetensors.torch import load_file
+
+    for key in CONDITIONAL_UNSUPPORTED:
+        if unet_cfg.get(key) is not None:
+            raise UsageError(f"{unet_dir / 'config.json'}: {key} {unet_cfg[key]!r} is not supported (distill feeds a "
+                             "conditional UNet encoder_hidden_states only)")
+    found = [p for p in conditioning_candidates(unet_dir) if p.is_file()]
+    if not found:
+        raise UsageError(f"{unet_dir.parent / CONDITIONING_FILE}: missing; a UNet2DConditionModel needs its "
+                         "precomputed conditioning there: a safetensors file with 'encoder_hidden_states' (K x L x D, "
+                         "one row per prompt or class) and optionally 'null' (L x D, the unconditional embedding)")
+    file = found[0]
+    try:
+        tensors = load_file(str(file))
+    except Exception as e:  # noqa: BLE001 (safetensors raises its own error types)
+        raise UsageError(f"{file}: not a readable safetensors file ({e})") from None
+    rows = tensors.get("encoder_hidden_states")
+    if rows is None or rows.ndim != 3 or 0 in rows.shape:
+        raise UsageError(f"{file}: needs 'encoder_hidden_states' of shape K x L x D (K rows, L tokens, D features)")
+    dim = unet_cfg.get("cross_attention_dim", 1280)
+    if isinstance(dim, int) and rows.shape[2] != dim:
+        raise UsageError(f"{file}: encoder_hidden_states have {rows.shape[2]} features but the UNet's "
+                         f"cross_attention_dim is {dim}")
+    null = tensors.get("null")
+    if null is not None:
+        null = null.reshape(-1, *rows.shape[1:])[:1] if null.numel() == rows[0].numel() else None
+        if null is None:
+            raise UsageError(f"{file}: 'null' must have the shape of one row, {tuple(rows.shape[1:])}")
+    table = torch.cat([rows, null]) if null is not None else rows
+    if not bool(torch.isfinite(table).all()):
+        raise UsageError(f"{file}: the conditioning holds NaN or Inf")
+    return table.float().contiguous(), null is not None
 
 
 def diffusers_model_file(path: Path, parts: tuple[Path, Path]) -> Path:
@@ -147,22 +198,28 @@ def diffusers_model_file(path: Path, parts: tuple[Path, Path]) -> Path:
             if (Path(path) / "distill_export.json").is_file() else {}
         raise UsageError(f"{path}: a distill model exported for diffusers pipelines (a DistilledUNet); pass the model "
                          f"it was exported from ({source.get('model', 'its model file')}), or load it with diffusers")
-    if unet_cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise UsageError(f"{unet_dir / 'config.json'}: {unet_cfg.get('_class_name')} is not supported yet; distill "
-                         "takes a UNet2DModel")
+    kind = unet_cfg.get("_class_name", "UNet2DModel")
+    if kind not in ("UNet2DModel", "UNet2DConditionModel"):
+        raise UsageError(f"{unet_dir / 'config.json'}: {kind} is not supported; distill takes a UNet2DModel or a "
+                         "UNet2DConditionModel")
+    table, null_row = read_conditioning(unet_dir, unet_cfg) if kind == "UNet2DConditionModel" else (None, False)
     diffusion, card = diffusion_config(_read_json(sched_path), sched_path)
-    from diffusers import UNet2DModel
+    import diffusers
 
     LOG.info(f"note: converting the diffusers directory {path} once (cached in {out.parent}); later runs reuse it")
     try:
-        unet = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
+        unet = getattr(diffusers, kind).from_pretrained(str(unet_dir), local_files_only=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise UsageError(f"{unet_dir}: diffusers cannot load this UNet ({str(e).splitlines()[0]})") from None
     try:
-        net = DiffusersUNet(DiffusersUNetConfig(public_config(unet.config)))
+        net = DiffusersUNet(DiffusersUNetConfig(public_config(unet.config), kind=kind,
+                                                conditioning=list(table.shape) if table is not None else None,
+                                                null_row=null_row))
     except ValueError as e:
         raise UsageError(f"{unet_dir / 'config.json'}: {e}") from None
     net.unet.load_state_dict(unet.state_dict())
+    if table is not None:
+        net.conditioning.copy_(table)
     meta = {"model": {"arch": ARCH, "config": net.config.to_dict()}, "diffusion": diffusion, "card": card,
             "source": {"diffusers": str(Path(path).resolve()), "digest": digest}}
     if vae_dir is not None:

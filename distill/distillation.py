@@ -261,6 +261,17 @@ def teacher_data(teacher, teacher_spec: str, data_spec: str | None):
     if tuple(data.shape) != shape:
         raise UsageError(f"--data {data_spec}: images are {'x'.join(map(str, data.shape))} but {teacher_spec} "
                          f"makes {'x'.join(map(str, shape))}; distill on the teacher's own data")
+    rows = teacher.num_classes
+    if rows and data.num_classes != rows:
+        # a teacher whose classes are not the data's (a conditional UNet's conditioning rows): each image is paired
+        # with row i mod K, so every row is distilled, in a fixed order
+        from dataclasses import replace
+
+        import torch
+
+        LOG.info(f"note: --data {data_spec} has {data.num_classes or 'no'} classes but {teacher_spec} has {rows} "
+                 f"conditioning rows; image i is distilled with row i mod {rows}")
+        data = replace(data, labels=torch.arange(len(data)) % rows, num_classes=rows, class_names=None)
     if teacher.latent:  # a latent teacher distills on the data's latents (encoded once, cached)
         data = encode_dataset(data, teacher.latent)
     return data_spec, data

@@ -312,13 +312,16 @@ def latent_dir(tmp_path_factory):
 
 def test_a_latent_teacher_distills_samples_evaluates_and_exports_with_its_decoder(latent_dir, tmp_path,
                                                                                     distill_main):
-    """The denoiser works on latents, the samples are decoded images; the student inherits the autoencoder; the
-    fused export ends in the decode and writes decoder.onnx (parity in ONNX Runtime); the FP16 export's decoder is
-    finite and in range on the data's own latents."""
+    """The denoiser works on latents, the samples are decoded images; the student inherits the autoencoder; its
+    export writes decoder.onnx (parity in ONNX Runtime), its FP16 export's decoder is finite and in range on the
+    data's own latents, and a fused graph ends in the decode."""
     import onnxruntime as ort
 
     from distill.checkpoint import load_denoiser, read_metadata
+    from distill.denoiser import Cond
     from distill.latent import Decoder, load_autoencoder
+    from distill.samplers import generate
+    from export.fused import FusedSampler, fused_noise
 
     r = distill_main("sample", latent_dir, "--steps", "4", "--seeds", "0-7", "--out", tmp_path / "teacher")
     assert r.returncode == 0, r.stderr
@@ -341,10 +344,10 @@ def test_a_latent_teacher_distills_samples_evaluates_and_exports_with_its_decode
         ref = Decoder(ae)(real).numpy()
     for precision in ("fp32", "fp16"):
         out = tmp_path / f"x-{precision}"
-        r = distill_main("export", "onnx", student, "--fused", "--precision", precision, "--out", out)
+        r = distill_main("export", "onnx", student, "--precision", precision, "--out", out)
         assert r.returncode == 0, r.stderr
         manifest = json.loads((out / "manifest.json").read_text())
-        assert manifest["decodes"] and manifest["decoder"]["graph"] == "decoder.onnx"
+        assert manifest["decoder"]["graph"] == "decoder.onnx"
         got = ort.InferenceSession(str(out / "decoder.onnx")).run(None, {"latents": real.numpy()})[0]
         err = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
         assert np.isfinite(got).all() and np.abs(got).max() <= 1.05 * np.abs(ref).max()
@@ -353,9 +356,118 @@ def test_a_latent_teacher_distills_samples_evaluates_and_exports_with_its_decode
         assert r.returncode == 0, r.stderr
     r = distill_main("sample", student, "--seeds", "0-7", "--out", tmp_path / "s-torch")
     ours = np.load(tmp_path / "s-torch" / "samples.npz")["images"].astype(int)
-    fused = np.load(tmp_path / "s-fp32" / "samples.npz")["images"].astype(int)
-    assert ours.shape == (8, 8, 8, 1) and np.abs(ours - fused).max() <= 1
-    assert load_denoiser(student).latent == latent
+    onnx = np.load(tmp_path / "s-fp32" / "samples.npz")["images"].astype(int)  # decoded by decoder.onnx
+    assert ours.shape == (8, 8, 8, 1) and np.abs(ours - onnx).max() <= 1
+    den = load_denoiser(student)
+    assert den.latent == latent
+    # the fused graph's module ends in the decode: noise in, the decoded images of the sampling loop out (its ONNX
+    # export, `--fused`, is checked against this at export like any fused graph)
+    fused = FusedSampler(den, "ddim", [1.0, 0.0], den.image_shape, labels=False, decoder=Decoder(ae)).eval()
+    with torch.no_grad():
+        got = fused(fused_noise(range(3), den.image_shape, fused.slots))
+        want = Decoder(ae)(generate(den, den.image_shape, range(3), sampler="ddim", steps=1, timesteps=[1.0, 0.0],
+                                    cond=Cond()))
+    assert got.shape == (3, 1, 8, 8) and torch.allclose(got, want, atol=1e-5)
+
+
+def _conditional_dir(path, rows: int = 10, null: bool = True):
+    """A UNet2DConditionModel (cross-attention on 3 x 8 conditioning) with a precomputed conditioning table of
+    ``rows`` rows (and a null row), random weights far from zero."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), mid_block_type=None,
+                                norm_num_groups=8, cross_attention_dim=8, attention_head_dim=4)
+    for p in unet.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    unet.save_pretrained(str(path / "unet"))
+    DDPMScheduler(clip_sample=False).save_pretrained(str(path / "scheduler"))
+    (path / "model_index.json").write_text(json.dumps({
+        "_class_name": "DiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", "DDPMScheduler"]}))
+    g = torch.Generator().manual_seed(0)
+    tensors = {"encoder_hidden_states": torch.randn(rows, 3, 8, generator=g)}
+    if null:
+        tensors["null"] = torch.zeros(3, 8)
+    save_file(tensors, str(path / "conditioning.safetensors"))
+    return unet, tensors
+
+
+def test_a_conditional_unet_takes_its_precomputed_conditioning_rows_as_classes(tmp_path, distill_main):
+    """Row k of conditioning.safetensors is class k: the x0 estimate is the scheduler's own with that row's
+    encoder_hidden_states, guidance runs against the null row (diffusers' guidance_scale = 1 + w), and the teacher
+    samples and distills on the digits (ten rows, ten classes)."""
+    from diffusers import DDPMScheduler
+
+    from distill.checkpoint import load_denoiser
+    from distill.denoiser import Cond
+
+    path = tmp_path / "cond"
+    unet, tensors = _conditional_dir(path)
+    den = load_denoiser(path)
+    assert den.num_classes == 10 and den.null_label == 10
+    sched = DDPMScheduler.from_pretrained(str(path / "scheduler"))
+    g = torch.Generator().manual_seed(1)
+    x, index = torch.randn(4, 1, 8, 8, generator=g), torch.tensor([10, 300, 700, 999])
+    labels = torch.tensor([0, 3, 5, 9])
+    rows, w = tensors["encoder_hidden_states"], 1.5
+    with torch.no_grad():
+        cond_eps = unet(x, index, encoder_hidden_states=rows[labels]).sample
+        null_eps = unet(x, index, encoder_hidden_states=tensors["null"].expand(4, 3, 8)).sample
+        for eps, cond in ((cond_eps, Cond(labels)), (null_eps + (1 + w) * (cond_eps - null_eps), Cond(labels, w))):
+            ref = torch.cat([sched.step(eps[i:i + 1], int(t), x[i:i + 1]).pred_original_sample
+                             for i, t in enumerate(index)])
+            ours = den(x, (index + 1).float() / 1000, cond)
+            assert float((ours - ref).abs().max() / ref.abs().max()) < 1e-5
+    r = distill_main("sample", path, "--steps", "4", "--classes", "3", "--guidance", "1", "--seeds", "0-3", "--out",
+                     tmp_path / "s")
+    assert r.returncode == 0, r.stderr
+    r = distill_main("progressive", path, "--data", "digits", "--out", tmp_path / "pd", "--start-steps", "4",
+                     "--target-steps", "2", "--round-steps", "4", "--batch-size", "8")
+    assert r.returncode == 0, r.stderr
+    student = load_denoiser(tmp_path / "pd" / "steps-2")
+    assert student.num_classes == 10 and torch.equal(student.net.conditioning[:10], rows)
+    # what the conditioning must be: one line naming the file
+    (path / "conditioning.safetensors").unlink()
+    r = distill_main("sample", path, "--steps", "2", "--seeds", "0", "--out", tmp_path / "s2")
+    assert r.returncode == 2 and "conditioning.safetensors: missing" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_python_factory_teacher_samples_distills_and_runs_only_when_named(tmp_path, distill_main, monkeypatch):
+    """factory:MODULE:FUNCTION builds any network: it samples and distills like any teacher; a student file of it
+    rebuilds its network with the factory, which runs only when named or trusted (DISTILL_TRUSTED_FACTORIES)."""
+    import sys
+
+    from distill import factory
+    from distill.checkpoint import read_metadata
+
+    spec = "factory:factory_teacher:build"
+    monkeypatch.setenv("DISTILL_TRUSTED_FACTORIES", "")  # naming the factory sets it; restored after the test
+    r = distill_main("sample", spec, "--seeds", "0-3", "--out", tmp_path / "s")
+    assert r.returncode == 0, r.stderr
+    r = distill_main("progressive", spec, "--out", tmp_path / "pd", "--start-steps", "4", "--target-steps", "2",
+                     "--round-steps", "4", "--batch-size", "8")  # --data from the factory's FactoryModel(data=)
+    assert r.returncode == 0, r.stderr
+    student = tmp_path / "pd" / "steps-2" / "model.safetensors"
+    assert read_metadata(student)["model"]["arch"] == "factory"
+    # a later process that did not name the factory: refused in one line, then trusted by the environment
+    monkeypatch.setattr(factory, "_NAMED", set())
+    monkeypatch.delitem(sys.modules, "factory_teacher")
+    monkeypatch.delenv("DISTILL_TRUSTED_FACTORIES", raising=False)
+    r = distill_main("sample", student, "--seeds", "0-1", "--out", tmp_path / "s2")
+    assert r.returncode == 2 and "DISTILL_TRUSTED_FACTORIES=factory_teacher" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "s2").exists()
+    monkeypatch.setenv("DISTILL_TRUSTED_FACTORIES", "factory_teacher")
+    r = distill_main("sample", student, "--seeds", "0-1", "--out", tmp_path / "s2")
+    assert r.returncode == 0, r.stderr
+    for bad, needle in (("factory:nope", "factory:MODULE:FUNCTION"), ("factory:no_such_module:f", "cannot import"),
+                        ("factory:factory_teacher:missing", "has no function missing")):
+        r = distill_main("sample", bad, "--seeds", "0", "--out", tmp_path / "s3")
+        assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 @pytest.mark.parametrize("change, needle", [
