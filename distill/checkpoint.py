@@ -182,6 +182,8 @@ def model_metadata(den) -> dict[str, Any]:
         diffusion["consistency"] = dict(den.consistency)
     if den.clip_x0 is not None:
         diffusion["clip_x0"] = den.clip_x0
+    if den.prediction in ("edm", "edm_v"):
+        diffusion["sigma_data"] = den.sigma_data
     from distill.factory import ARCH as FACTORY
     from distill.factory import FactoryNet
 
@@ -219,7 +221,8 @@ def build_denoiser(meta: dict[str, Any], source: str = "checkpoint"):
         null = (cfg.num_classes if cfg.num_classes else None) if net_class is UNet else cfg.null_label
         den = Denoiser(net_class(cfg), schedule_from_config(diffusion["schedule"]), diffusion["prediction"],
                        diffusion["time_input"], null_label=null, guidance_input=cfg.guidance_embed,
-                       consistency=diffusion.get("consistency"), clip_x0=diffusion.get("clip_x0"))
+                       consistency=diffusion.get("consistency"), clip_x0=diffusion.get("clip_x0"),
+                       sigma_data=diffusion.get("sigma_data", 0.5))
         den.latent = meta.get("latent")
         return den
     except KeyError as e:

@@ -16,7 +16,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from distill.parameterization import PREDICTIONS, append_dims, consistency_output, eps_from_x0, to_x0
+from distill.parameterization import (
+    EDM_PREDICTIONS,
+    PREDICTIONS,
+    append_dims,
+    consistency_output,
+    edm_input,
+    eps_from_x0,
+    to_x0,
+)
 from distill.schedules import DiscreteSchedule, Schedule
 
 # How the network wants its time input, as a function of (schedule, t).
@@ -102,6 +110,8 @@ class Denoiser(nn.Module):
             goes through the boundary-condition preconditioning
             (:func:`~distill.parameterization.consistency_output`), so ``denoise(x_t, t) = x_t / alpha`` exactly
             where the VE-equivalent noise level is ``sigma_min`` or less.
+        sigma_data: EDM's sigma_data, for ``prediction`` ``edm`` / ``edm_v`` (the network takes ``c_in x`` and
+            outputs EDM's F, see :mod:`distill.parameterization`).
         clip_x0: clamp the clean estimate to ``[-clip_x0, clip_x0]`` (diffusers' ``clip_sample`` with its
             ``clip_sample_range``); ``None`` leaves it as the network gives it.
     """
@@ -116,6 +126,7 @@ class Denoiser(nn.Module):
         guidance_input: bool = False,
         consistency: dict[str, float] | None = None,
         clip_x0: float | None = None,
+        sigma_data: float = 0.5,
     ):
         super().__init__()
         if prediction not in PREDICTIONS:
@@ -129,6 +140,7 @@ class Denoiser(nn.Module):
                             "sigma_data": float(consistency.get("sigma_data", 0.5))} if consistency else None
         if self.consistency and not (0 < self.consistency["sigma_min"] and 0 < self.consistency["sigma_data"]):
             raise ValueError(f"consistency scalings need sigma_min > 0 and sigma_data > 0, got {consistency}")
+        self.sigma_data = float(sigma_data)  # EDM preconditioning (prediction edm / edm_v): input c_in x, output F
         self.clip_x0 = None if clip_x0 is None else float(clip_x0)
         if self.clip_x0 is not None and not self.clip_x0 > 0:
             raise ValueError(f"clip_x0 must be > 0, got {clip_x0}")
@@ -150,7 +162,7 @@ class Denoiser(nn.Module):
         """The same denoiser (schedule, parameterization, guidance, boundary condition) around another network of
         the same kind: a consistency method's target network, an EMA."""
         den = Denoiser(net, self.schedule, self.prediction, self.time_input, self.null_label, self.guidance_input,
-                       self.consistency, self.clip_x0)
+                       self.consistency, self.clip_x0, self.sigma_data)
         den.latent = self.latent
         return den
 
@@ -162,13 +174,15 @@ class Denoiser(nn.Module):
     def raw(self, x_t: Tensor, t: Tensor, labels: Tensor | None, w: Tensor | None = None) -> Tensor:
         """The network's own output (its ``prediction`` type); ``w`` only for a ``guidance_input`` network."""
         t_in = time_input(self.schedule, t.to(torch.float32), self.time_input)
+        if self.prediction in EDM_PREDICTIONS:  # EDM's input scaling c_in
+            x_t = edm_input(x_t, *self.alpha_sigma(t, x_t), self.sigma_data)
         out = self.net(x_t, t_in, labels) if w is None else self.net(x_t, t_in, labels, w)
         out = out.sample if hasattr(out, "sample") else out
         return out.to(x_t.dtype)  # bf16 under autocast; the sampler's arithmetic stays in x_t's precision
 
     def _x0(self, x_t: Tensor, t: Tensor, labels: Tensor | None, w: Tensor | None = None) -> Tensor:
         alpha, sigma = self.alpha_sigma(t, x_t)
-        x0 = to_x0(self.raw(x_t, t, labels, w), self.prediction, x_t, alpha, sigma)
+        x0 = to_x0(self.raw(x_t, t, labels, w), self.prediction, x_t, alpha, sigma, self.sigma_data)
         if self.clip_x0 is not None:
             x0 = x0.clamp(-self.clip_x0, self.clip_x0)
         if self.consistency is None:

@@ -83,9 +83,12 @@ def diffusion_config(sched: dict[str, Any], where: Path) -> tuple[dict[str, Any]
     """A diffusers scheduler config -> our ``diffusion`` metadata (schedule, prediction, time input, clipping)
     and the card's sampling defaults. Raises a one-line UsageError for what does not map exactly."""
     name = sched.get("_class_name", "DDPMScheduler")
+    if name in EDM_SCHEDULERS:
+        return edm_config(sched, where, name)
     if name not in DISCRETE_SCHEDULERS:
         raise UsageError(f"{where}: scheduler {name} is not a discrete DDPM-table scheduler; distill maps "
-                         f"{', '.join(DISCRETE_SCHEDULERS[:3])} and the other beta-table schedulers")
+                         f"{', '.join(DISCRETE_SCHEDULERS[:3])} and the other beta-table schedulers, and "
+                         f"{', '.join(EDM_SCHEDULERS)}")
     if sched.get("trained_betas") is not None:
         raise UsageError(f"{where}: trained_betas (a custom beta table) is not supported; use a named beta_schedule")
     if sched.get("rescale_betas_zero_snr"):
@@ -112,6 +115,35 @@ def diffusion_config(sched: dict[str, Any], where: Path) -> tuple[dict[str, Any]
         diffusion["clip_x0"] = float(sched.get("clip_sample_range", 1.0))
     card = {"sampler": "ddim", "steps": DEFAULT_STEPS, "spacing": spacing}
     return diffusion, card
+
+
+EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
+EDM_PREDICTIONS = {"epsilon": "edm", "v_prediction": "edm_v"}
+
+
+def edm_config(sched: dict[str, Any], where: Path, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An EDM scheduler (Karras et al. 2022, as diffusers' ``EDMEulerScheduler`` and
+    ``EDMDPMSolverMultistepScheduler``): the VE Karras schedule with the network preconditioned (input ``c_in x``,
+    time ``0.25 ln sigma``, output EDM's F with ``sigma_data``); the card samples with Euler (or DPM-Solver++(2M))
+    on the scheduler's sigma grid (``karras``, or ``exponential``: even in log sigma, our ``logsnr`` spacing)."""
+    prediction = sched.get("prediction_type", "epsilon")
+    if prediction not in EDM_PREDICTIONS:
+        raise UsageError(f"{where}: prediction_type {prediction!r}: an EDM scheduler takes "
+                         f"{' or '.join(EDM_PREDICTIONS)}")
+    spacing = {"karras": "karras", "exponential": "logsnr"}.get(sched.get("sigma_schedule", "karras"))
+    if spacing is None:
+        raise UsageError(f"{where}: sigma_schedule {sched.get('sigma_schedule')!r}: use karras or exponential")
+    if sched.get("final_sigmas_type", "zero") != "zero":
+        raise UsageError(f"{where}: final_sigmas_type {sched.get('final_sigmas_type')!r}: distill's samplers end on "
+                         "clean data (final_sigmas_type zero)")
+    sigma_data = float(sched.get("sigma_data", 0.5))
+    schedule = {"name": "karras", "sigma_min": float(sched.get("sigma_min", 0.002)),
+                "sigma_max": float(sched.get("sigma_max", 80.0)), "rho": float(sched.get("rho", 7.0)),
+                "sigma_data": sigma_data}
+    diffusion = {"schedule": schedule, "prediction": EDM_PREDICTIONS[prediction], "time_input": "log_sigma",
+                 "sigma_data": sigma_data}
+    sampler = "euler" if name == "EDMEulerScheduler" else "dpmpp_2m"
+    return diffusion, {"sampler": sampler, "steps": DEFAULT_STEPS, "spacing": spacing}
 
 
 def _digest(unet_dir: Path, sched: Path, vae: Path | None) -> str:

@@ -139,7 +139,8 @@ def make_student(parent, *, guidance_input: bool, prediction: str, seed: int = 0
     student = Denoiser(net.train(), copy.deepcopy(parent.schedule), prediction, parent.time_input,
                        parent.null_label, guidance_input=guidance_input or parent.guidance_input,
                        consistency=consistency,
-                       clip_x0=parent.clip_x0)  # a diffusers teacher's clip_sample: its students clip as it does
+                       clip_x0=parent.clip_x0,  # a diffusers teacher's clip_sample: its students clip as it does
+                       sigma_data=parent.sigma_data)
     student.latent = parent.latent  # a latent teacher's students work on (and decode) the same latents
     return student
 
@@ -243,7 +244,8 @@ def guidance_plan(teacher, teacher_spec: str, guidance_range: tuple[float, float
 
 def student_prediction(teacher) -> str:
     """A few-step student predicts what its teacher does, or v for an eps teacher (eps fails at few steps)."""
-    return teacher.prediction if teacher.prediction in ("v", "x0") else "v"
+    # an EDM-preconditioned teacher's students keep its preconditioning (their network takes c_in x)
+    return teacher.prediction if teacher.prediction in ("v", "x0", "edm", "edm_v") else "v"
 
 
 def teacher_data(teacher, teacher_spec: str, data_spec: str | None):

@@ -116,5 +116,5 @@ class DiffusionLoss(Loss):
         x_t, alpha, sigma = diffuse(model, x0, t, generator)
         labels = drop_labels(labels, model.null_label, self.label_dropout, generator)
         pred = model.raw(x_t, t, labels)
-        target = from_x0(x0, model.prediction, x_t, alpha, sigma)
+        target = from_x0(x0, model.prediction, x_t, alpha, sigma, model.sigma_data)
         return (pred.float() - target.float()).pow(2).flatten(1).mean(1)

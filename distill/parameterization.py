@@ -8,16 +8,34 @@ alpha and sigma (VP or VE):
     eps = (sigma x_t + alpha v) / (alpha^2 + sigma^2)
 
 which reduce to ``x0 = alpha x_t - sigma v`` and ``eps = sigma x_t + alpha v`` on a VP schedule.
+
+``edm`` and ``edm_v`` are EDM's preconditioned output F (Karras et al. 2022, Table 1; diffusers' EDM schedulers with
+``prediction_type`` ``epsilon`` and ``v_prediction``): ``x0 = c_skip x~ + c_out F`` (``- c_out F`` for ``edm_v``) on
+the VE-equivalent state ``x~ = x_t / alpha`` and noise level ``sigma / alpha``, with ``sigma_data``; such a network
+also takes its input scaled, ``c_in x~`` (:func:`edm_input`).
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-PREDICTIONS = ("eps", "x0", "v")
+PREDICTIONS = ("eps", "x0", "v", "edm", "edm_v")
+EDM_PREDICTIONS = ("edm", "edm_v")
 
 
-def to_x0(pred: Tensor, kind: str, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+def _edm(x_t: Tensor, alpha: Tensor, sigma: Tensor, kind: str, sigma_data: float):
+    """``(x~, c_skip, signed c_out)`` of EDM's preconditioning at ``x_t``."""
+    x_ve = x_t / alpha
+    c_skip, c_out = edm_scalings(sigma / alpha, sigma_data)
+    return x_ve, c_skip, (c_out if kind == "edm" else -c_out)
+
+
+def edm_input(x_t: Tensor, alpha: Tensor, sigma: Tensor, sigma_data: float) -> Tensor:
+    """What an EDM-preconditioned network takes: ``c_in x~ = (x_t / alpha) / sqrt((sigma/alpha)^2 + sigma_d^2)``."""
+    return (x_t / alpha) / ((sigma / alpha) ** 2 + sigma_data**2) ** 0.5
+
+
+def to_x0(pred: Tensor, kind: str, x_t: Tensor, alpha: Tensor, sigma: Tensor, sigma_data: float = 0.5) -> Tensor:
     """The x0 estimate implied by a network output ``pred`` of type ``kind``."""
     if kind == "x0":
         return pred
@@ -25,13 +43,19 @@ def to_x0(pred: Tensor, kind: str, x_t: Tensor, alpha: Tensor, sigma: Tensor) ->
         return (x_t - sigma * pred) / alpha
     if kind == "v":
         return (alpha * x_t - sigma * pred) / (alpha**2 + sigma**2)
+    if kind in EDM_PREDICTIONS:
+        x_ve, c_skip, c_out = _edm(x_t, alpha, sigma, kind, sigma_data)
+        return c_skip * x_ve + c_out * pred
     raise ValueError(f"unknown prediction {kind!r}: use one of {PREDICTIONS}")
 
 
-def from_x0(x0: Tensor, kind: str, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+def from_x0(x0: Tensor, kind: str, x_t: Tensor, alpha: Tensor, sigma: Tensor, sigma_data: float = 0.5) -> Tensor:
     """The network output of type ``kind`` that corresponds to the clean estimate ``x0`` at ``x_t``."""
     if kind == "x0":
         return x0
+    if kind in EDM_PREDICTIONS:
+        x_ve, c_skip, c_out = _edm(x_t, alpha, sigma, kind, sigma_data)
+        return (x0 - c_skip * x_ve) / c_out
     eps = eps_from_x0(x0, x_t, alpha, sigma)
     if kind == "eps":
         return eps

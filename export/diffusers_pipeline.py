@@ -311,6 +311,9 @@ def export_diffusers(model: str, out: Path, *, steps: int | None = None, command
         raise UsageError(f"{model}: a latent model; diffusers' DDIM and consistency pipelines have no autoencoder, so "
                          "export it with 'distill export onnx' (the decoder is written beside the denoiser)")
     interface, times = _sampling(den, steps, str(model))
+    if interface == "ddim" and den.schedule.variance != "vp":
+        raise UsageError(f"{model}: a variance-exploding (EDM) model has no DDIM alpha_bar table; export it with "
+                         "'distill export onnx'")
     card = (den.metadata or {}).get("card") or {}
     all_times = [times, *[[float(t) for t in ts] for ts in (card.get("timesteps_by_steps") or {}).values()]] \
         if interface == "cm" else [times]

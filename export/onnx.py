@@ -292,6 +292,7 @@ def export_onnx(model: str, out: Path, opts: ExportOptions, *, command: str = ""
     manifest: dict = {"format": EXPORT_FORMAT, "graph": GRAPH_FILES["onnx"], "precision": opts.precision,
                       "source": {"model": str(model), "path": str(path), "sha256": sha256(path)},
                       "metadata": den.metadata, "image_shape": list(shape), "labels": labels, "guided": guided,
+                      "num_classes": den.num_classes, "null_label": den.null_label,
                       "command": command}
     if opts.fused:
         sampler, times = fused_sampling(den, opts, model)

@@ -157,7 +157,8 @@ def prepare_build(source: Path, out: Path, opts: BuildOptions) -> dict[str, Any]
     return {"format": EXPORT_FORMAT, "graph": GRAPH_FILES["tensorrt"], "kind": src.get("kind", "denoiser"),
             "precision": src["precision"], "target": "tensorrt", "metadata": src["metadata"],
             "image_shape": src["image_shape"], "labels": src["labels"], "guided": src["guided"],
-            **{k: src[k] for k in ("sampler", "steps", "timesteps", "noise_slots") if k in src},
+            **{k: src[k] for k in ("sampler", "steps", "timesteps", "noise_slots", "num_classes", "null_label",
+                                   "decodes") if k in src},
             "source": {"export": str(source), "onnx_sha256": sha256(Path(src["path"]))},
             "tensorrt": {"profile": profile, "workspace": opts.workspace, "timing_cache": str(cache),
                          "trtexec": trtexec_command(Path(src["path"]), engine, profile, opts, cache)}}

@@ -206,10 +206,10 @@ class _EchoNet(torch.nn.Module):
         self.t_in = None
 
     def forward(self, x, t_in, labels):
-        self.t_in = t_in
+        self.t_in, self.x_in = t_in, x
         alpha, sigma = self.schedule.alpha_sigma(self._t.double())
         a, s = alpha.reshape(-1, 1).to(x), sigma.reshape(-1, 1).to(x)
-        return from_x0(self.x0, self.kind, x, a, s)
+        return from_x0(self.x0, self.kind, self.x_t, a, s)  # relative to the state (an EDM input is scaled)
 
 
 @pytest.mark.parametrize("kind", PREDICTIONS)
@@ -221,9 +221,14 @@ def test_denoiser_adapter_recovers_x0_for_every_prediction(kind):
     alpha, sigma = schedule.alpha_sigma(t.double())
     x_t = alpha.float()[:, None] * x0 + sigma.float()[:, None] * eps
     net = _EchoNet(schedule, kind, x0, eps)
-    net._t = t
+    net._t, net.x_t = t, x_t
     den = Denoiser(net, schedule, prediction=kind, time_input="t1000")
     assert torch.allclose(den(x_t, t), x0, atol=1e-5)
+    if kind in ("edm", "edm_v"):  # EDM's input scaling c_in on the VE-equivalent state
+        s_ve = (sigma / alpha).float()[:, None]
+        assert torch.allclose(net.x_in, x_t / alpha.float()[:, None] / (s_ve**2 + 0.25).sqrt(), atol=1e-5)
+    else:
+        assert torch.equal(net.x_in, x_t)
     assert torch.allclose(net.t_in, 1000 * t)
     assert torch.allclose(den.eps(x_t, t), eps, atol=1e-4)
 

@@ -30,6 +30,13 @@ def _save(path, unet, **scheduler):
     return path
 
 
+def _save_with(path, unet, scheduler):
+    from diffusers import DDPMPipeline
+
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(path))
+    return path
+
+
 def _train_briefly(unet, scheduler, steps: int = 30) -> None:
     """A few Adam steps of diffusers' own objective on the 8x8 digits, so the samples are not noise."""
     images = load_dataset("digits").images
@@ -91,6 +98,42 @@ def test_the_adapter_gives_the_schedulers_pred_original_sample_at_every_training
     scale = ref.flatten(1).abs().amax(1)  # per timestep: x0 reaches 1/alpha times the noise at the noisy end
     err = ((ours - ref).flatten(1).abs().amax(1) / scale)
     assert float(err.max()) < 1e-4, (float(err.max()), int(err.argmax()))
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_an_edm_scheduler_maps_onto_the_preconditioned_karras_denoiser(tmp_path, prediction):
+    """EDMEulerScheduler: the x0 estimate is the scheduler's precondition_outputs of the UNet on its preconditioned
+    input and noise, at sigmas from sigma_min to sigma_max; Euler on the Karras grid walks its sampling loop."""
+    from diffusers import EDMEulerScheduler
+
+    from distill.checkpoint import load_denoiser
+    from distill.samplers import generate
+
+    torch.manual_seed(0)
+    unet = _unet()
+    for p in unet.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    path = _save_with(tmp_path / "edm", unet, EDMEulerScheduler(prediction_type=prediction, sigma_data=0.5))
+    den = load_denoiser(path)
+    assert den.prediction == {"epsilon": "edm", "v_prediction": "edm_v"}[prediction]
+    sched = EDMEulerScheduler.from_pretrained(str(path / "scheduler"))
+    sigmas = torch.tensor([0.002, 0.05, 0.5, 2.0, 20.0, 80.0])
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * sigmas[:, None, None, None]
+    with torch.no_grad():
+        ours = den(x, den.schedule.t_of_logsnr(-2 * torch.log(sigmas.double())).float())
+        ref = torch.cat([sched.precondition_outputs(x[i:i + 1], unet(sched.precondition_inputs(x[i:i + 1], s),
+                                                                      sched.precondition_noise(s)).sample, s)
+                         for i, s in enumerate(sigmas)])
+    assert float(((ours - ref).flatten(1).abs().amax(1) / ref.flatten(1).abs().amax(1)).max()) < 1e-5
+    gens = [torch.Generator().manual_seed(s) for s in range(4)]
+    x = torch.stack([torch.randn(1, 8, 8, generator=g) for g in gens]) * sched.init_noise_sigma
+    sched.set_timesteps(10)
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(unet(sched.scale_model_input(x, t), t).sample, t, x).prev_sample
+        ours = generate(den, (1, 8, 8), range(4), sampler="euler", steps=10, spacing="karras")
+    # the grids differ by distill's sigma_min floor (1e-4 of t) and the start by sqrt(1 + 1/sigma_max^2)
+    assert float((ours - x).abs().max()) < 1e-3 * float(x.abs().max())
 
 
 def test_clip_sample_clamps_the_clean_estimate_as_diffusers_does(tmp_path):

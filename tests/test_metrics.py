@@ -274,7 +274,7 @@ def test_the_shipped_mnist_teacher_loads_by_name_and_draws_the_requested_digits(
     assert path.stat().st_size <= 10 * 2**20 and (SHIPPED_DIR / "mnist.md").is_file()
     den = load_denoiser("mnist")
     assert den.metadata["data"]["spec"] == "mnist" and den.net.config.num_classes == 10
-    images, labels = draw_samples(den, sampler="dpmpp_2m", steps=8, seeds=list(range(20)), progress=False)
-    assert images.shape == (20, 32, 32, 1) and labels.tolist() == [i % 10 for i in range(20)]
+    images, labels = draw_samples(den, sampler="dpmpp_2m", steps=8, seeds=list(range(10)), progress=False)
+    assert images.shape == (10, 32, 32, 1) and labels.tolist() == list(range(10))
     acc = metrics.Quality(load_dataset("mnist"), metrics=("acc",), progress=False)(images, labels)["acc"]
-    assert acc >= 0.9, f"{acc:.2f} of 20 samples (8 steps, w = {card_guidance(den.metadata)}) have their class"
+    assert acc >= 0.9, f"{acc:.2f} of 10 samples (8 steps, w = {card_guidance(den.metadata)}) have their class"

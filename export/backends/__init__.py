@@ -137,7 +137,10 @@ def export_attributes(backend, manifest: dict[str, Any], device: str) -> None:
     backend.schedule = schedule_from_config(meta["diffusion"]["schedule"])
     config = meta["model"]["config"]
     backend.image_shape = tuple(manifest["image_shape"])
-    backend.num_classes = int(config.get("num_classes") or 0)
-    backend.null_label = backend.num_classes if backend.num_classes else None
+    # recorded at export (a conditional diffusers UNet's rows, a factory network's classes); older manifests: the
+    # native UNet's config, whose null class is num_classes
+    backend.num_classes = int(manifest.get("num_classes", config.get("num_classes") or 0))
+    backend.null_label = manifest["null_label"] if "null_label" in manifest else \
+        (backend.num_classes if backend.num_classes else None)
     backend.guidance_input = bool(config.get("guidance_embed"))
     backend.labels, backend.guided = manifest["labels"], manifest["guided"]
