@@ -110,6 +110,8 @@ def diffusion_config(sched: dict[str, Any], where: Path) -> tuple[dict[str, Any]
                 "num_train_timesteps": int(sched.get("num_train_timesteps", 1000)),
                 "beta_start": float(sched.get("beta_start", 1e-4)), "beta_end": float(sched.get("beta_end", 0.02)),
                 "steps_offset": int(sched.get("steps_offset", 0))}
+    if not sched.get("set_alpha_to_one", True):  # DDIM's last step lands on training timestep 0, not clean data
+        schedule["set_alpha_to_one"] = False
     diffusion: dict[str, Any] = {"schedule": schedule, "prediction": PREDICTIONS[prediction], "time_input": "index"}
     if sched.get("clip_sample", name in ("DDPMScheduler", "DDIMScheduler")):
         diffusion["clip_x0"] = float(sched.get("clip_sample_range", 1.0))

@@ -145,14 +145,16 @@ class DiscreteSchedule(Schedule):
 
     name: ClassVar[str] = "discrete"
     params: ClassVar[tuple[str, ...]] = ("beta_schedule", "num_train_timesteps", "beta_start", "beta_end",
-                                         "steps_offset")
+                                         "steps_offset", "set_alpha_to_one")
 
     def __init__(self, beta_schedule: str = "linear", num_train_timesteps: int = 1000, beta_start: float = 1e-4,
-                 beta_end: float = 0.02, steps_offset: int = 0):
+                 beta_end: float = 0.02, steps_offset: int = 0, set_alpha_to_one: bool = True):
         super().__init__()
         self.beta_schedule, self.num_train_timesteps = beta_schedule, int(num_train_timesteps)
         self.beta_start, self.beta_end = float(beta_start), float(beta_end)
         self.steps_offset = int(steps_offset)  # diffusers' index offset of its "leading" sampling grid
+        # diffusers' DDIM set_alpha_to_one: False ends its grids at training timestep 0 (t = 1 / T), not clean data
+        self.set_alpha_to_one = bool(set_alpha_to_one)
         ac = self.alphas_cumprod()
         lam = torch.log(ac) - torch.log1p(-ac)
         lam = torch.cat([torch.tensor([max(LOGSNR_MAX, float(lam[0]) + 1.0)], dtype=torch.float64), lam])
@@ -198,7 +200,8 @@ class DiscreteSchedule(Schedule):
         """``steps + 1`` decreasing times on diffusers' timestep grid (``DDIMScheduler.set_timesteps``: the
         ``leading``, ``trailing`` or ``linspace`` timestep spacing of Lin et al. 2024, Table 2, with
         ``steps_offset``), index ``i`` at ``t = (i + 1) / T``, then clean data (``t = 0``; diffusers' DDIM with
-        ``set_alpha_to_one``, its default)."""
+        ``set_alpha_to_one``, its default), or without it training timestep 0 (``t = 1 / T``: the samplers then
+        return that state, as diffusers' DDIM does)."""
         import numpy as np
 
         T = self.num_train_timesteps
@@ -213,7 +216,8 @@ class DiscreteSchedule(Schedule):
         else:
             raise ValueError(f"unknown diffusers timestep spacing {spacing!r}: use {', '.join(DIFFUSERS_SPACINGS)}")
         ts = torch.from_numpy((index + 1).astype(np.float64) / T)
-        return torch.cat([ts, torch.zeros(1, dtype=torch.float64)])
+        end = 0.0 if self.set_alpha_to_one else 1.0 / T
+        return torch.cat([ts, torch.full((1,), end, dtype=torch.float64)])
 
 
 DIFFUSERS_SPACINGS = ("leading", "trailing", "linspace")

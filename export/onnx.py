@@ -376,8 +376,7 @@ def export_onnx(model: str, out: Path, opts: ExportOptions, *, command: str = ""
         if den.latent:  # the decoder beside the graph: the folder holds every network a deployment needs
             from export.decoder import export_decoder
 
-            manifest["decoder"] = export_decoder(den, stage, opts.precision if opts.precision == "fp16" else "fp32",
-                                                 log=log)
+            manifest["decoder"] = export_decoder(den, stage, opts.precision, log=log)
         manifest["files"] = {p.name: sha256(p) for p in sorted(stage.iterdir()) if p.is_file()}
         manifest["versions"] = library_versions()
         manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

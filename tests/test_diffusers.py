@@ -164,12 +164,14 @@ def test_ddim_and_ddpm_sampling_reproduce_the_diffusers_pipelines(trained_dir, t
     from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline
 
     seeds = list(range(8))
-    for name, pipe_class, sampler in (("ddim", DDIMPipeline, "ddim"), ("ddpm", DDPMPipeline, "ddpm")):
+    for name, pipe_class, sampler in (("ddim", DDIMPipeline, "ddim"), ("ddim-alpha0", DDIMPipeline, "ddim"),
+                                      ("ddpm", DDPMPipeline, "ddpm")):
         folder = trained_dir
-        if name == "ddim":  # DDIM's direction term keeps the unclipped noise estimate (see the README): unclipped
-            folder = tmp_path / "noclip"
+        if name.startswith("ddim"):  # DDIM's direction term keeps the unclipped noise estimate (README): unclipped
+            folder = tmp_path / name  # ddim-alpha0: set_alpha_to_one false, the last step lands on timestep 0
             pipe = DDPMPipeline.from_pretrained(str(trained_dir))
-            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False,
+                                                       set_alpha_to_one=name == "ddim")
             pipe.save_pretrained(str(folder))
         r = distill_main("sample", folder, "--sampler", sampler, "--steps", "10", "--seeds", "0-7", "--out",
                          tmp_path / name)
@@ -397,6 +399,14 @@ def test_a_latent_teacher_distills_samples_evaluates_and_exports_with_its_decode
         assert manifest["decoder"]["precision"] == precision and err <= (1e-5 if precision == "fp32" else 1e-2)
         r = distill_main("sample", out, "--seeds", "0-7", "--out", tmp_path / f"s-{precision}")
         assert r.returncode == 0, r.stderr
+    # INT8 where it holds quality: measured on other sampled latents, shipped only within its bound
+    r = distill_main("export", "onnx", student, "--precision", "int8", "--calib-samples", "8", "--out",
+                     tmp_path / "x-int8")
+    assert r.returncode == 0, r.stderr
+    decoder = json.loads((tmp_path / "x-int8" / "manifest.json").read_text())["decoder"]
+    check = decoder["int8"]["check"]
+    assert check["finite"] and decoder["precision"] == ("int8" if check["rel_err"] <= 2e-2 else "fp32")
+    assert decoder["precision"] == "int8" or "the fp32 decoder is shipped" in decoder["int8"]["why_fp32"]
     r = distill_main("sample", student, "--seeds", "0-7", "--out", tmp_path / "s-torch")
     ours = np.load(tmp_path / "s-torch" / "samples.npz")["images"].astype(int)
     onnx = np.load(tmp_path / "s-fp32" / "samples.npz")["images"].astype(int)  # decoded by decoder.onnx
