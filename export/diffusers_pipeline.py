@@ -167,7 +167,8 @@ def _stock_unet2d(den, times: list[float]) -> bool:
     from distill.schedules import DiscreteSchedule
 
     s = den.schedule
-    if not (isinstance(den.net, DiffusersUNet) and isinstance(s, DiscreteSchedule) and den.clip_x0 is None
+    if not (isinstance(den.net, DiffusersUNet) and den.net.config.kind == "UNet2DModel"
+            and isinstance(s, DiscreteSchedule) and s.set_alpha_to_one and den.clip_x0 is None
             and not den.guidance_input and den.consistency is None and den.time_input == "index"):
         return False
     steps = len(times) - 1
