@@ -43,6 +43,7 @@ DISCRETE_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DDIMParallelScheduler"
                        "UniPCMultistepScheduler", "DEISMultistepScheduler", "LMSDiscreteScheduler")
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 DEFAULT_STEPS = 50  # DDIMPipeline's num_inference_steps
+ALPHA_TO_ONE_SCHEDULERS = ("DDIMScheduler", "DDIMParallelScheduler", "PNDMScheduler")  # what set_alpha_to_one moves
 
 
 def diffusers_parts(path: Path) -> tuple[Path, Path, Path | None] | None:
@@ -110,7 +111,8 @@ def diffusion_config(sched: dict[str, Any], where: Path) -> tuple[dict[str, Any]
                 "num_train_timesteps": int(sched.get("num_train_timesteps", 1000)),
                 "beta_start": float(sched.get("beta_start", 1e-4)), "beta_end": float(sched.get("beta_end", 0.02)),
                 "steps_offset": int(sched.get("steps_offset", 0))}
-    if not sched.get("set_alpha_to_one", True):  # DDIM's last step lands on training timestep 0, not clean data
+    if name in ALPHA_TO_ONE_SCHEDULERS and not sched.get("set_alpha_to_one", True):
+        # DDIM's last step lands on training timestep 0, not clean data (other schedulers ignore the key)
         schedule["set_alpha_to_one"] = False
     diffusion: dict[str, Any] = {"schedule": schedule, "prediction": PREDICTIONS[prediction], "time_input": "index"}
     if sched.get("clip_sample", name in ("DDPMScheduler", "DDIMScheduler")):
@@ -156,14 +158,16 @@ def _digest(unet_dir: Path, sched: Path, vae: Path | None) -> str:
 
     files = [unet_dir / "config.json", sched, *(unet_dir / w for w in WEIGHT_FILES),
              *[p for p in conditioning_candidates(unet_dir) if p.is_file()][:1]]
-    parts = [f"{p.name}:{file_sha256(p)}" for p in files if p.is_file()]
+    parts = [f"conversion:{CONVERSION_VERSION}", *(f"{p.name}:{file_sha256(p)}" for p in files if p.is_file())]
     if vae is not None:
         parts.append(f"vae:{autoencoder_digest(vae)}")
     return hashlib.sha256(";".join(parts).encode()).hexdigest()
 
 
 CONDITIONING_FILE = "conditioning.safetensors"
-CONDITIONAL_UNSUPPORTED = ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim")
+CONDITIONAL_UNSUPPORTED = ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim",
+                           "num_class_embeds")
+CONVERSION_VERSION = "2"  # what a conversion writes (bumped when the mapping changes: older conversions redo)
 
 
 def conditioning_candidates(unet_dir: Path) -> list[Path]:

@@ -11,10 +11,11 @@ recipe's ``teacher:``). The model is converted once into a model file under ``$D
 spec and a hash of the weights the factory returns) whose architecture is ``factory``: loading it, or any student
 distilled from it, calls the factory again to build the network (then loads the file's weights).
 
-This is code execution, so it is explicit: a factory runs only when the command or recipe names it, when its module
-is already imported (a Python caller), or when its module is listed in ``DISTILL_TRUSTED_FACTORIES`` (comma-separated
-module names; for a factory model's students used by later commands). A model file never runs code by itself.
-The module is imported from ``sys.path`` with the working directory added.
+This is code execution, so it is explicit: a factory runs only when the command line or the recipe names it (the
+CLI and the recipe loader call :func:`name_factory`; a Python caller does the same), or when its module is listed in
+``DISTILL_TRUSTED_FACTORIES`` (comma-separated module names; for a factory model's students used by later commands).
+A model file, a manifest or any other file never runs code by itself. The module is imported from ``sys.path``, with
+the working directory searched last.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class FactoryModel:
     num_classes: int = 0  # class labels; with null_label, classifier-free guidance
     null_label: int | None = None
     card: dict[str, Any] = field(default_factory=dict)  # sampling defaults (sampler, steps, guidance)
+    sigma_data: float = 0.5  # EDM's sigma_data, for prediction edm / edm_v
+    clip_x0: float | None = None  # clamp the clean estimate to [-clip_x0, clip_x0]
     data: str | None = None  # the training data spec (--data), if known
 
 
@@ -76,7 +79,7 @@ def name_factory(spec: str) -> None:
 
 def _trusted(module: str) -> bool:
     listed = {m.strip() for m in os.environ.get(TRUST_ENV, "").split(",") if m.strip()}
-    return module in _NAMED or module in listed or module in sys.modules
+    return module in _NAMED or module in listed
 
 
 def call_factory(spec: str, where: str = "") -> FactoryModel:
@@ -85,8 +88,9 @@ def call_factory(spec: str, where: str = "") -> FactoryModel:
     if not _trusted(module):
         raise UsageError(f"{where or spec}: its network is built by the Python factory {module}:{function} (code); "
                          f"name it (factory:{module}:{function}) or set {TRUST_ENV}={module} to run it")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    added = os.getcwd() not in sys.path
+    if added:
+        sys.path.append(os.getcwd())  # searched last: nothing in the working directory shadows an installed module
     try:
         fn = getattr(importlib.import_module(module), function)
     except ImportError as e:
@@ -94,7 +98,15 @@ def call_factory(spec: str, where: str = "") -> FactoryModel:
                          "directory") from None
     except AttributeError:
         raise UsageError(f"{spec}: {module} has no function {function}") from None
-    out = fn()
+    except Exception as e:  # noqa: BLE001 (the module's own code failed on import: one line naming it)
+        raise UsageError(f"{spec}: importing {module} failed ({type(e).__name__}: {e})") from None
+    finally:
+        if added and os.getcwd() in sys.path:
+            sys.path.remove(os.getcwd())
+    try:
+        out = fn()
+    except Exception as e:  # noqa: BLE001 (user code: one line naming the factory)
+        raise UsageError(f"{spec}: the factory failed ({type(e).__name__}: {e})") from None
     if isinstance(out, tuple) and len(out) == 2:
         out = FactoryModel(*out)
     if not isinstance(out, FactoryModel) or not isinstance(out.net, nn.Module):
@@ -169,18 +181,20 @@ def factory_model_file(spec: str) -> Path:
     from distill.rundir import cache_dir
     from distill.schedules import Schedule, schedule_from_config
 
-    name_factory(spec)
-    built = call_factory(spec)
+    built = call_factory(spec)  # under the trust rule: the CLI or recipe named it, or the environment lists it
     try:
         schedule = built.schedule if isinstance(built.schedule, Schedule) else schedule_from_config(built.schedule)
     except (TypeError, ValueError) as e:
         raise UsageError(f"{spec}: the factory's schedule: {e}") from None
-    cfg = FactoryConfig(spec, _shape_of(built, spec), int(built.num_classes or 0), built.null_label)
+    shape = _shape_of(built, spec)
+    if shape[1] != shape[2]:
+        raise UsageError(f"{spec}: image_shape {shape}: only square images are supported")
+    cfg = FactoryConfig(spec, shape, int(built.num_classes or 0), built.null_label)
     net = FactoryNet(cfg, built)
     h = hashlib.sha256(spec.encode())
     for k, v in sorted(net.state_dict().items()):
         h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     digest = h.hexdigest()
     out = cache_dir() / "factory" / f"{digest[:24]}.safetensors"
     if out.is_file():
@@ -190,7 +204,8 @@ def factory_model_file(spec: str) -> Path:
         except (OSError, ValueError, UsageError):
             pass
     try:
-        den = Denoiser(net, schedule, built.prediction, built.time_input, null_label=built.null_label)
+        den = Denoiser(net, schedule, built.prediction, built.time_input, null_label=built.null_label,
+                       clip_x0=built.clip_x0, sigma_data=built.sigma_data)
     except ValueError as e:
         raise UsageError(f"{spec}: {e}") from None
     with torch.no_grad():  # one call, so a network that does not fit its declared interface fails here

@@ -312,6 +312,9 @@ def export_diffusers(model: str, out: Path, *, steps: int | None = None, command
         raise UsageError(f"{model}: a latent model; diffusers' DDIM and consistency pipelines have no autoencoder, so "
                          "export it with 'distill export onnx' (the decoder is written beside the denoiser)")
     interface, times = _sampling(den, steps, str(model))
+    if times[-1] != 0.0:
+        raise UsageError(f"{model}: its grid ends on training timestep 0 (set_alpha_to_one false); the exported "
+                         "pipelines end on clean data, so they would not reproduce it")
     if interface == "ddim" and den.schedule.variance != "vp":
         raise UsageError(f"{model}: a variance-exploding (EDM) model has no DDIM alpha_bar table; export it with "
                          "'distill export onnx'")

@@ -296,7 +296,14 @@ def export_onnx(model: str, out: Path, opts: ExportOptions, *, command: str = ""
                       "command": command}
     if opts.fused:
         sampler, times = fused_sampling(den, opts, model)
+        if times[-1] != 0.0:
+            raise UsageError(f"{model}: its grid ends on training timestep 0 (set_alpha_to_one false), not clean "
+                             "data; a fused graph ends on clean data: export the per-step graph (drop --fused)")
         decoder = None
+        if den.latent and opts.precision != "fp32":
+            raise UsageError(f"--fused --precision {opts.precision}: a latent model's fused graph holds its decoder, "
+                             "which would be converted without the decoder's range checks; export --fused at fp32, "
+                             f"or the per-step graph at {opts.precision} (decoder.onnx is then kept safe)")
         if den.latent:  # a latent model's fused graph decodes too: noise in, images out
             from distill.latent import Decoder, load_autoencoder
 

@@ -218,6 +218,13 @@ def load_recipe(path: Path | str, overrides: tuple[str, ...] = (), out: Path | N
     elif isinstance(t, str) and t.strip():
         teacher = t
         known[TEACHER] = t
+        from distill.factory import is_factory_spec, name_factory
+
+        if is_factory_spec(t):  # a factory the recipe names may run in this run (distill.factory's trust rule)
+            try:
+                name_factory(t)
+            except UsageError as e:
+                raise _fail(source, "teacher", str(e)) from None
     else:
         raise _fail(source, "teacher", f"expected a model name, file or run folder, or a mapping; got {t!r}")
 

@@ -144,3 +144,4 @@ def export_attributes(backend, manifest: dict[str, Any], device: str) -> None:
         (backend.num_classes if backend.num_classes else None)
     backend.guidance_input = bool(config.get("guidance_embed"))
     backend.labels, backend.guided = manifest["labels"], manifest["guided"]
+    backend.decodes_itself = bool(manifest.get("decodes"))  # a latent model's fused graph ends in the decode

@@ -51,10 +51,26 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     click.echo(f"warning: {message}", err=True)
 
 
+def _name_factories(args: list[str]) -> None:
+    """A ``factory:MODULE:FUNCTION`` the user typed (an argument, or an option value such as ``--set
+    teacher=factory:...``) may run in this command (distill.factory's trust rule)."""
+    prefix = "factory:"  # distill.factory.PREFIX (that module imports torch: only imported when one is given)
+    for arg in args:
+        for part in (arg, arg.partition("=")[2]):
+            if part.startswith(prefix):
+                from distill.factory import name_factory
+
+                try:
+                    name_factory(part)
+                except Exception:  # noqa: BLE001 (a malformed spec is reported where it is used, in one line)
+                    pass
+
+
 def main() -> None:
     """Console entry point: user mistakes end with one line and their exit code, no traceback; warnings are one
     line each."""
     setup_logging()
+    _name_factories(sys.argv[1:])
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
