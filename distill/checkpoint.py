@@ -263,6 +263,18 @@ def resolve_model_path(path: Path | str) -> Path:
     return path
 
 
+def cached_conversion(kind: str, digest: str) -> tuple[Path, bool]:
+    """Where the model file converted from a source with ``digest`` lives (``$DISTILL_CACHE/<kind>/``) and whether
+    a complete conversion is already there (its ``source.digest`` matches; a damaged file is converted again)."""
+    from distill.rundir import cache_dir
+
+    out = cache_dir() / kind / f"{digest[:24]}.safetensors"
+    try:
+        return out, out.is_file() and read_metadata(out).get("source", {}).get("digest") == digest
+    except (OSError, ValueError, UsageError):
+        return out, False
+
+
 def card_guidance(meta: dict[str, Any], guidance: float | None = None) -> float:
     """``guidance`` when given, else the default classifier-free guidance weight a model file records
     (``card.guidance``), else 0."""

@@ -217,19 +217,14 @@ def read_conditioning(unet_dir: Path, unet_cfg: dict[str, Any]):
 def diffusers_model_file(path: Path, parts: tuple[Path, Path]) -> Path:
     """The distill model file of the diffusers directory ``path``, whose :func:`diffusers_parts` are ``parts``
     (converted once, then reused)."""
-    from distill.checkpoint import read_metadata, save_model
+    from distill.checkpoint import cached_conversion, save_model
     from distill.models.diffusers_unet import ARCH, DiffusersUNet, DiffusersUNetConfig, public_config
-    from distill.rundir import cache_dir
 
     unet_dir, sched_path, vae_dir = parts
     digest = _digest(unet_dir, sched_path, vae_dir)
-    out = cache_dir() / "diffusers" / f"{digest[:24]}.safetensors"
-    if out.is_file():
-        try:
-            if read_metadata(out).get("source", {}).get("digest") == digest:
-                return out
-        except (OSError, ValueError, UsageError):
-            pass  # a damaged conversion: convert again
+    out, done = cached_conversion("diffusers", digest)
+    if done:
+        return out
     unet_cfg = _read_json(unet_dir / "config.json")
     if unet_cfg.get("_class_name") == "DistilledUNet":
         source = _read_json(path / "distill_export.json").get("source", {}) \

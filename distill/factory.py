@@ -67,6 +67,15 @@ def _parse(spec: str) -> tuple[str, str]:
     return module, function
 
 
+def is_well_formed(spec: str) -> bool:
+    """Whether ``spec`` reads as ``factory:MODULE:FUNCTION`` (without importing anything)."""
+    try:
+        _parse(spec)
+    except UsageError:
+        return False
+    return True
+
+
 def name_factory(spec: str) -> None:
     """Record that the user named this factory (the CLI or a recipe): it may run in this process and in the
     processes it starts for the same command (a benchmark's isolated measurements), through the environment."""
@@ -176,9 +185,8 @@ def factory_model_file(spec: str) -> Path:
     """The distill model file of the factory ``spec`` (converted when its weights change)."""
     import torch
 
-    from distill.checkpoint import read_metadata, save_model
+    from distill.checkpoint import cached_conversion, save_model
     from distill.denoiser import Denoiser
-    from distill.rundir import cache_dir
     from distill.schedules import Schedule, schedule_from_config
 
     built = call_factory(spec)  # under the trust rule: the CLI or recipe named it, or the environment lists it
@@ -196,13 +204,9 @@ def factory_model_file(spec: str) -> Path:
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     digest = h.hexdigest()
-    out = cache_dir() / "factory" / f"{digest[:24]}.safetensors"
-    if out.is_file():
-        try:
-            if read_metadata(out).get("source", {}).get("digest") == digest:
-                return out
-        except (OSError, ValueError, UsageError):
-            pass
+    out, done = cached_conversion("factory", digest)
+    if done:
+        return out
     try:
         den = Denoiser(net, schedule, built.prediction, built.time_input, null_label=built.null_label,
                        clip_x0=built.clip_x0, sigma_data=built.sigma_data)

@@ -81,12 +81,8 @@ def latent_record(vae_dir: Path, unet_channels: int, unet_size: int, where: Path
     if latent_channels != unet_channels:
         raise UsageError(f"{where}: the UNet takes {unet_channels} channels but the autoencoder's latents have "
                          f"{latent_channels}; pair the UNet with the autoencoder it was trained on")
-    factor = 2 ** (len(cfg.get("block_out_channels", (64,))) - 1)
-    size = int(cfg.get("sample_size", unet_size * factor))
-    if isinstance(cfg.get("sample_size"), (list, tuple)):
-        size = int(cfg["sample_size"][0])
-    if size != unet_size * factor:
-        size = unet_size * factor  # sample_size is only a default; the UNet's latent size decides
+    # the decoded size follows the UNet's latent size (the autoencoder's sample_size is only a default)
+    size = unet_size * 2 ** (len(cfg.get("block_out_channels", (64,))) - 1)
     return {"autoencoder": str(vae_dir.resolve()), "digest": autoencoder_digest(vae_dir),
             "scaling_factor": float(cfg.get("scaling_factor", 0.18215)),
             "shift_factor": float(cfg.get("shift_factor") or 0.0),

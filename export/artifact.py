@@ -96,13 +96,13 @@ def staged_dir(out: Path):
         stage.rename(out)
 
 
-def check_export_out(out: Path, option: str = "--out") -> None:
-    """Refuse an output folder holding anything but an earlier export (which the new one replaces whole); hidden
-    entries (a lock, a run's bookkeeping) do not count."""
+def check_export_out(out: Path, option: str = "--out", marker: str = MANIFEST, what: str = "an export") -> None:
+    """Refuse an output folder holding anything but an earlier export (recognised by its ``marker`` file; the new
+    one replaces it whole); hidden entries (a lock, a run's bookkeeping) do not count."""
     from distill.preflight import check_output_dir
 
     out = Path(out)
     check_output_dir(out, option)
-    if out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()) and not (out / MANIFEST).is_file():
-        raise UsageError(f"{option} {out}: a non-empty folder that is not an export; choose a new folder (an "
+    if out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()) and not (out / marker).is_file():
+        raise UsageError(f"{option} {out}: a non-empty folder that is not {what}; choose a new folder (an "
                          "earlier export's folder is replaced whole)")

@@ -119,6 +119,7 @@ class DistilledUNet(ModelMixin, ConfigMixin):
     def forward(self, sample: Tensor, timestep, class_labels: Tensor | None = None,
                 guidance: float | Tensor | None = None, return_dict: bool = True):
         from distill.denoiser import Cond
+        from distill.parameterization import append_dims, consistency_scalings
         from distill.samplers import clean_alpha_sigma
 
         t = self._times(timestep, sample.shape[0], sample.device)
@@ -128,16 +129,14 @@ class DistilledUNet(ModelMixin, ConfigMixin):
         if self.config.interface == "ddim":
             out = self.den(sample, t, cond)
         else:
-            # the scheduler's float32 sigma (its step recomputes the scalings from it)
+            # the scheduler's float32 sigma (its step recomputes the scalings from it): the same boundary scalings
+            # as distill's consistency models, at the scheduler's sigma
             sigma = torch.exp(torch.as_tensor(timestep, dtype=torch.float64) / 250.0).to(torch.float32)
-            sigma = sigma.reshape(-1, *([1] * (sample.ndim - 1))).to(sample.device)
-            sd, s_min = self.config.sigma_data, self.config.sigma_min
-            x_ve = sample * (sigma ** 2 + sd ** 2) ** 0.5
+            sigma = append_dims(sigma.reshape(-1).to(sample.device), sample.ndim)
+            c_skip, c_out, c_in = consistency_scalings(sigma, self.config.sigma_min, self.config.sigma_data)
+            x_ve = sample / c_in
             alpha, _ = clean_alpha_sigma(self.den.schedule, t)
-            x_t = x_ve * alpha.to(sample).reshape(-1, *([1] * (sample.ndim - 1)))
-            d = self.den(x_t, t, cond)
-            c_skip = sd ** 2 / ((sigma - s_min) ** 2 + sd ** 2)
-            c_out = (sigma - s_min) * sd / (sigma ** 2 + sd ** 2) ** 0.5
+            d = self.den(x_ve * append_dims(alpha.to(sample), sample.ndim), t, cond)
             out = (d - c_skip * x_ve) / c_out
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
@@ -298,14 +297,10 @@ def export_diffusers(model: str, out: Path, *, steps: int | None = None, command
     import diffusers
 
     from distill.checkpoint import file_sha256, load_denoiser, resolve_model_path
-    from distill.preflight import check_output_dir
-    from export.artifact import library_versions, staged_dir
+    from export.artifact import check_export_out, library_versions, staged_dir
 
     out = Path(out)
-    check_output_dir(out, "--out")
-    if out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()) and not (out / EXPORT_FILE).is_file():
-        raise UsageError(f"--out {out}: a non-empty folder that is not a diffusers export; choose a new folder (an "
-                         "earlier export's folder is replaced whole)")
+    check_export_out(out, marker=EXPORT_FILE, what="a diffusers export")
     path = resolve_model_path(model)
     den = load_denoiser(model).float()
     if den.latent:

@@ -58,12 +58,10 @@ def _name_factories(args: list[str]) -> None:
     for arg in args:
         for part in (arg, arg.partition("=")[2]):
             if part.startswith(prefix):
-                from distill.factory import name_factory
+                from distill.factory import is_well_formed, name_factory
 
-                try:
+                if is_well_formed(part):  # a malformed spec is reported where it is used, in one line
                     name_factory(part)
-                except Exception:  # noqa: BLE001 (a malformed spec is reported where it is used, in one line)
-                    pass
 
 
 def main() -> None:
