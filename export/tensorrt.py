@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from distill.errors import DistillError, UsageError
 from export.artifact import (
     EXPORT_FORMAT,
@@ -33,6 +31,7 @@ from export.artifact import (
     write_manifest,
 )
 from export.backends.tensorrt_backend import cuda_gpu, import_tensorrt
+from export.precision import qdq_violations  # noqa: F401  (the builder's check; tests import it here)
 
 LOG = logging.getLogger("distill")  # progress lines: the CLI prints them, a library caller configures logging
 
@@ -90,49 +89,6 @@ def trtexec_command(onnx_path: Path, engine_path: Path, profile: dict, opts: Bui
             f"--memPoolSize=workspace:{opts.workspace >> 20}M --timingCacheFile={cache}")
 
 
-def qdq_violations(model) -> list[str]:
-    """Where a Q/DQ ONNX graph breaks TensorRT's strongly typed INT8 rules (empty: none): zero points all 0
-    (symmetric), scales > 0, per-channel only on weights (axis 0 for Conv, 1 for ConvTranspose), opset >= 13 for
-    ``axis``, biases left in float (no INT32 dequantization)."""
-    from onnx import numpy_helper
-
-    init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
-              if n.op_type == "Constant" and n.attribute and n.attribute[0].type == 4}
-    values = {**init, **consts}
-    consumers: dict[str, list] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    out = []
-    for n in model.graph.node:
-        if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-            continue
-        scale = values.get(n.input[1]) if len(n.input) > 1 else None
-        zero = values.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
-        if scale is not None and not (np.asarray(scale) > 0).all():
-            out.append(f"{n.name}: scale <= 0")
-        if zero is not None and np.asarray(zero).any():
-            out.append(f"{n.name}: non-zero zero point (asymmetric; TensorRT takes symmetric INT8 only)")
-        if zero is not None and np.asarray(zero).dtype == np.uint8:
-            out.append(f"{n.name}: UINT8 quantization (TensorRT takes INT8)")
-        if zero is not None and np.asarray(zero).dtype == np.int32:
-            out.append(f"{n.name}: INT32 (bias) dequantization; keep biases float")
-        per_channel = scale is not None and np.asarray(scale).size > 1
-        if per_channel:
-            if opset < 13:
-                out.append(f"{n.name}: per-channel Q/DQ needs opset >= 13, graph has {opset}")
-            if n.input[0] not in init and n.op_type == "QuantizeLinear":
-                out.append(f"{n.name}: per-channel quantization of an activation (weights only)")
-            axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
-            for user in consumers.get(n.output[0], []) if n.op_type == "DequantizeLinear" else []:
-                want = {"Conv": 0, "ConvTranspose": 1}.get(user.op_type)
-                if want is not None and user.input[1] == n.output[0] and axis != want:
-                    out.append(f"{n.name}: per-channel axis {axis} on a {user.op_type} weight (want {want})")
-    return out
-
-
 def prepare_build(source: Path, out: Path, opts: BuildOptions) -> dict[str, Any]:
     """Everything :func:`build_engine` checks and records before TensorRT is touched: the source export, Q/DQ rules
     of an INT8 graph, the profile, the ``trtexec`` command. Returns the engine manifest without build results."""
@@ -147,7 +103,7 @@ def prepare_build(source: Path, out: Path, opts: BuildOptions) -> dict[str, Any]
         if src.get("target") != "tensorrt":
             raise UsageError(f"{source}: an INT8 graph made for {src.get('target')} (U8 activations, ONNX Runtime's "
                              "CPU kernels); export one for TensorRT with --int8-target tensorrt")
-        bad = qdq_violations(onnx.load(src["path"], load_external_data=False))
+        bad = qdq_violations(onnx.load(src["path"], load_external_data=False), Path(src["path"]).parent)
         if bad:
             raise UsageError(f"{source}: the Q/DQ graph breaks TensorRT's INT8 rules ({bad[0]}; {len(bad)} in all); "
                              "export it again with --int8-target tensorrt")

@@ -172,7 +172,18 @@ def test_int8_quantizes_with_trajectory_calibration_and_keeps_the_excluded_layer
     assert any("conv_in" in w for w in weights) and any("conv_out" in w for w in weights)
     # the CPU graph (U8 activations) breaks TensorRT's rules; the TensorRT one keeps them
     assert any("UINT8" in v or "zero point" in v for v in qdq_violations(model))
-    assert qdq_violations(onnx.load(str(tmp_path / "tensorrt/model.onnx"))) == []
+    trt = onnx.load(str(tmp_path / "tensorrt/model.onnx"))
+    assert qdq_violations(trt) == []
+    # TensorRT's placement: Q/DQ only on weighted layers' inputs, attention unquantized, fp16 elsewhere
+    from export.precision import fp16_violations, qdq_placement
+
+    t = made["tensorrt"]["int8"]
+    assert qdq_placement(trt) == [] and t["high_precision"] == "fp16" and m["high_precision"] == "fp32"
+    assert fp16_violations(trt, "x_t", t["fp16"]["fp32_nodes"]) == []
+    assert t["activation_quantizers"] < m["activation_quantizers"]
+    inits = {i.name: i.data_type for i in trt.graph.initializer}
+    q_scales = {inits.get(n.input[1]) for n in trt.graph.node if n.op_type == "QuantizeLinear"}
+    assert q_scales == {onnx.TensorProto.FLOAT16}
 
 
 def test_a_traced_graph_is_kept_for_the_next_process_and_a_damaged_one_is_traced_again(tmp_path, teacher_file,
