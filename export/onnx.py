@@ -47,6 +47,9 @@ PARITY_BATCHES = (1, 7, 64)
 # Relative error ||onnx - torch|| / ||torch|| allowed at export (INT8 is judged by sample quality instead).
 TOLERANCE = {"fp32": 1e-5, "fp16": 1e-2}
 FUSED_TOLERANCE = 1e-4  # fused graph against the Python sampling loop on the same noise (fp32)
+# Pinned inside the range every TensorRT 10/11 parses (export.tensorrt.TENSORRT_OPSETS), and >= 19 for fp16 Q/DQ
+# scales; the exporter's own default moves with torch releases.
+ONNX_OPSET = 20
 MAX_PROTO_BYTES = 2**31 - 1  # protobuf's limit: larger models keep their weights as external data
 
 
@@ -114,11 +117,13 @@ def onnx_export(module: torch.nn.Module, example: tuple, input_names: list[str],
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not the user's business
             program = torch.onnx.export(module, example, dynamic_shapes=[{0: batch}] * len(example),
-                                        input_names=input_names, output_names=[output], dynamo=True, verbose=False)
+                                        input_names=input_names, output_names=[output], dynamo=True, verbose=False,
+                                        opset_version=ONNX_OPSET)
     finally:
         registry.setLevel(level)
     program.save(str(path), external_data=None)  # None: external data exactly when the model passes 2 GB
-    return {"exporter": "torch.onnx.export(dynamo=True)", "export_seconds": round(time.perf_counter() - start, 2)}
+    return {"exporter": f"torch.onnx.export(dynamo=True, opset_version={ONNX_OPSET})",
+            "export_seconds": round(time.perf_counter() - start, 2)}
 
 
 def check_graph(path: Path) -> dict:
@@ -144,7 +149,8 @@ def check_graph(path: Path) -> dict:
             "external_data": any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer)}
 
 
-def ort_session(path: Path, providers: list[str] | None = None, threads: int | None = None):
+def ort_session(path: Path, providers: list | None = None, threads: int | None = None):
+    """An ONNX Runtime session of ``path`` on ``providers`` (names, or ``(name, options)`` pairs; default: CPU)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()

@@ -31,6 +31,7 @@ from export.artifact import (
     staged_dir,
     write_manifest,
 )
+from export.backends import input_shapes
 from export.backends.tensorrt_backend import TENSORRT_ERRORS, cuda_gpu, import_tensorrt, one_line
 from export.precision import qdq_violations  # noqa: F401  (the builder's check; tests import it here)
 
@@ -60,20 +61,6 @@ class BuildOptions:
                              f"{self.min_batch}/{self.opt_batch}/{self.max_batch}")
         if self.workspace < 1 << 20:
             raise UsageError(f"--workspace {self.workspace}: give at least 1 MiB (bytes)")
-
-
-def input_shapes(manifest: dict[str, Any], batch: int) -> dict[str, tuple[int, ...]]:
-    """Each graph input's shape at ``batch``, from the export manifest."""
-    shape = tuple(manifest["image_shape"])
-    if manifest.get("kind") == "sampler":
-        out = {"noise": (batch, 1 + manifest["noise_slots"], *shape)}
-    else:
-        out = {"x_t": (batch, *shape), "t": (batch,)}
-    if manifest["labels"]:
-        out["labels"] = (batch,)
-    if manifest["guided"]:
-        out["w"] = (batch,)
-    return out
 
 
 def optimization_profile(manifest: dict[str, Any], opts: BuildOptions) -> dict[str, dict[str, list[int]]]:

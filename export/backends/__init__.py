@@ -68,6 +68,20 @@ def graph_inputs(x_t: Tensor, t: Tensor | float, cond: Cond | None, *, labels: b
     return inputs
 
 
+def input_shapes(manifest: dict[str, Any], batch: int) -> dict[str, tuple[int, ...]]:
+    """Each graph input's shape at ``batch``, from the export manifest."""
+    shape = tuple(manifest["image_shape"])
+    if manifest.get("kind") == "sampler":
+        out = {"noise": (batch, 1 + manifest["noise_slots"], *shape)}
+    else:
+        out = {"x_t": (batch, *shape), "t": (batch,)}
+    if manifest["labels"]:
+        out["labels"] = (batch,)
+    if manifest["guided"]:
+        out["w"] = (batch,)
+    return out
+
+
 def load_backend(source: str | Path, backend: str | None = None, *, precision: str = "fp32", device: str = "cpu",
                  threads: int | None = None):
     """Open ``source`` (a model file, run directory or shipped name; or an export folder) on ``backend``

@@ -1,5 +1,12 @@
 """ONNX Runtime behind the backend protocol: an export folder's graph on the CPU, CUDA or TensorRT execution
-provider (whichever the device asks for and this onnxruntime build has)."""
+provider (whichever the device asks for and this onnxruntime build has).
+
+On a GPU the session gets the device index and provider options (the TensorRT EP: an engine and timing cache under
+``$DISTILL_CACHE/ort-trt`` and the batch range as profile shapes, so an engine is built once, not per session and
+per batch size), the providers the session really got are checked against those asked for (ONNX Runtime falls back
+to the next provider silently when a library is missing: ``onnxruntime-trt`` results would be CUDA results under
+another name), and calls bind device tensors with IOBinding, so a CUDA call does not copy through the host.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +15,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from distill.denoiser import Cond
-from distill.errors import UsageError
+from distill.errors import DistillError, UsageError
 from export.backends import export_attributes, graph_inputs
+
+TRT_EP, CUDA_EP, CPU_EP = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
+TRT_EP_MAX_BATCH = 256  # the TensorRT EP's profile: batch 1 .. 256, tuned for 64 (distill export tensorrt's range)
+ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64,
+             "tensor(int32)": torch.int32, "tensor(bfloat16)": torch.bfloat16}
 
 
 def providers_for(device: str, tensorrt_ep: bool = False) -> list[str]:
@@ -22,14 +35,61 @@ def providers_for(device: str, tensorrt_ep: bool = False) -> list[str]:
 
     available = ort.get_available_providers()
     if torch.device(device).type == "cpu" and not tensorrt_ep:
-        return ["CPUExecutionProvider"]
-    wanted = (["TensorrtExecutionProvider"] if tensorrt_ep else []) + ["CUDAExecutionProvider"]
+        return [CPU_EP]
+    wanted = ([TRT_EP] if tensorrt_ep else []) + [CUDA_EP]
     missing = [p for p in wanted if p not in available]
     if missing:
         raise UsageError(f"--backend onnxruntime{'-trt' if tensorrt_ep else ''} on {device}: this onnxruntime "
                          f"build lacks {', '.join(missing)} (it has {', '.join(available)}); install onnxruntime-gpu "
                          "or use --device cpu")
-    return wanted + ["CPUExecutionProvider"]
+    return wanted + [CPU_EP]
+
+
+def device_index(device: str) -> int:
+    dev = torch.device(device if device != "cpu" else "cuda")
+    return dev.index or 0
+
+
+def provider_options(providers: list[str], manifest: dict[str, Any], device: str) -> list:
+    """``providers`` with their options: the device index for CUDA and TensorRT; for TensorRT also its engine and
+    timing caches (keyed by the graph's sha256) and the profile shapes over batch 1..:data:`TRT_EP_MAX_BATCH`."""
+    out: list = []
+    index = device_index(device)
+    for name in providers:
+        if name == CUDA_EP:
+            out.append((name, {"device_id": str(index)}))
+        elif name == TRT_EP:
+            from distill.rundir import cache_dir
+            from export.backends import input_shapes
+
+            graph = Path(manifest["path"])
+            key = (manifest.get("files") or {}).get(graph.name) or "unhashed"
+            cache = cache_dir() / "ort-trt" / key[:32]
+
+            def shapes(batch: int) -> str:
+                return ",".join(f"{n}:{'x'.join(map(str, s))}" for n, s in input_shapes(manifest, batch).items())
+
+            out.append((name, {"device_id": str(index), "trt_engine_cache_enable": "True",
+                               "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": "True",
+                               "trt_timing_cache_path": str(cache),
+                               "trt_profile_min_shapes": shapes(1),
+                               "trt_profile_opt_shapes": shapes(min(64, TRT_EP_MAX_BATCH)),
+                               "trt_profile_max_shapes": shapes(TRT_EP_MAX_BATCH)}))
+        else:
+            out.append(name)
+    return out
+
+
+def check_providers(session, asked: list[str], source: str) -> list[str]:
+    """The providers ``session`` really got; refused in one line when one asked for is missing (ONNX Runtime falls
+    back to the next one silently, e.g. CUDA when TensorRT's libraries are not found)."""
+    got = list(session.get_providers())
+    missing = [p for p in asked if p not in got]
+    if missing:
+        raise DistillError(f"{source}: ONNX Runtime did not enable {', '.join(missing)} (the session got "
+                           f"{', '.join(got)}: a missing CUDA/TensorRT library or an unsupported GPU; run with "
+                           "ONNX Runtime's verbose log to see why), so its results would be another provider's")
+    return got
 
 
 class OrtBackend:
@@ -38,22 +98,34 @@ class OrtBackend:
     name = "onnxruntime"
 
     def __init__(self, manifest: dict[str, Any], device: str = "cpu", tensorrt_ep: bool = False,
-                 threads: int | None = None, keep: Any = None):
+                 threads: int | None = None, keep: Any = None, iobinding: bool | None = None):
         from export.onnx import ort_session
 
         export_attributes(self, manifest, device)
         self.source = manifest.get("path", "the export")
-        self.providers = providers_for(device, tensorrt_ep)
+        asked = providers_for(device, tensorrt_ep)
         if tensorrt_ep:
             self.name = "onnxruntime-trt"
-        self.session = ort_session(Path(manifest["path"]), self.providers, threads)
+        self.session = ort_session(Path(manifest["path"]), provider_options(asked, manifest, device), threads)
+        self.providers = check_providers(self.session, asked, self.source)
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.input_types = {i.name: ORT_TYPES.get(i.type, torch.float32) for i in self.session.get_inputs()}
+        out = self.session.get_outputs()[0]
+        self.output_name, self.output_type = out.name, ORT_TYPES.get(out.type, torch.float32)
+        self.output_dims = list(out.shape)[1:]  # after the batch axis
+        # device tensors bound in place on a GPU; the CPU provider takes numpy arrays (IOBinding costs it time)
+        on_gpu = torch.device(device).type == "cuda"
+        self.iobinding = on_gpu if iobinding is None else iobinding
+        self.ort_device = ("cuda", device_index(device)) if on_gpu else ("cpu", 0)
         self._keep = keep  # the temporary folder of an on-the-fly export lives as long as the backend
         # a latent model's export: its decoder.onnx decodes the samples (a fused graph decodes inside)
         self.decodes_itself = bool(manifest.get("decodes"))
         decoder = manifest.get("decoder")
         if decoder and not self.decodes_itself:
-            self._decoder = ort_session(Path(manifest["path"]).parent / decoder["graph"], self.providers, threads)
+            path = Path(manifest["path"]).parent / decoder["graph"]
+            plain = [p for p in asked if p != TRT_EP]  # the decoder's input is not the profile's
+            self._decoder = ort_session(path, provider_options(plain, manifest, device), threads)
+            check_providers(self._decoder, plain, str(path))
             self.decode = self._decode
 
     def _decode(self, latents: Tensor) -> Tensor:
@@ -73,8 +145,34 @@ class OrtBackend:
         return cls(read_manifest(out), device, tensorrt_ep, threads, keep=tmp)
 
     def _run(self, inputs: Sequence[Tensor]) -> Tensor:
-        feed = {n: v.detach().cpu().numpy() for n, v in zip(self.input_names, inputs)}
-        return torch.from_numpy(self.session.run(None, feed)[0])
+        if self.iobinding:
+            return self._run_bound(inputs)
+        feed = {n: v.detach().cpu().to(self.input_types[n]).numpy() for n, v in zip(self.input_names, inputs)}
+        return torch.from_numpy(self.session.run(None, feed)[0]).float()
+
+    def _run_bound(self, inputs: Sequence[Tensor]) -> Tensor:
+        """One call with every input and the output bound in place on the device (no host copy on a GPU)."""
+        kind, index = self.ort_device
+        dev = torch.device(kind, index) if kind == "cuda" else torch.device("cpu")
+        binding = self.session.io_binding()
+        held = []
+        for name, x in zip(self.input_names, inputs):
+            x = x.detach().to(device=dev, dtype=self.input_types[name]).contiguous()
+            held.append(x)
+            binding.bind_input(name, kind, index, _np_type(x.dtype), list(x.shape), x.data_ptr())
+        batch = int(inputs[0].shape[0])
+        dims = [d if isinstance(d, int) else None for d in self.output_dims]
+        if any(d is None for d in dims):  # a non-batch dynamic axis: ONNX Runtime allocates, then we copy
+            binding.bind_output(self.output_name, kind, index)
+            self.session.run_with_iobinding(binding)
+            return torch.from_numpy(binding.copy_outputs_to_cpu()[0]).to(dev).float()
+        out = torch.empty([batch, *dims], dtype=self.output_type, device=dev)
+        binding.bind_output(self.output_name, kind, index, _np_type(out.dtype), list(out.shape), out.data_ptr())
+        if kind == "cuda":
+            torch.cuda.current_stream(dev).synchronize()  # inputs written by torch before ONNX Runtime reads them
+        self.session.run_with_iobinding(binding)
+        del held
+        return out.float()
 
     def __call__(self, x_t: Tensor, t: Tensor | float, cond: Cond | None = None) -> Tensor:
         if self.kind != "denoiser":
@@ -92,4 +190,9 @@ class OrtBackend:
         inputs = graph_inputs(noise, 0.0, cond, labels=self.labels, guided=self.guided, null_label=self.null_label,
                               source=self.source)
         del inputs[1]  # the fused graph has no time input
-        return self._run(inputs)
+        return self._run(inputs).cpu()
+
+
+def _np_type(dtype: torch.dtype):
+    return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
+            torch.int32: np.int32}[dtype]

@@ -99,6 +99,9 @@ def export_onnx_(model, out, **params):
 @click.option("--workspace", type=click.IntRange(1), default=4 << 30, metavar="BYTES")
 @click.option("--timing-cache", type=NonEmptyPath(dir_okay=False), default=None, metavar="FILE",
               help="A persistent timing cache shared across builds [default: DIR/timing.cache].")
+@click.option("--tf32/--no-tf32", default=True, show_default=True,
+              help="Let the graph's FP32 layers run in TF32 (TensorRT's default; recorded in the manifest). "
+                   "--no-tf32 keeps FP32 engines close to fp32.")
 @click.option("--dry-run", is_flag=True, help="Check the export and print the equivalent trtexec command; build "
                                               "nothing (works without TensorRT).")
 def export_tensorrt_(source, out, **params):

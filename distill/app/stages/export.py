@@ -101,6 +101,7 @@ class TensorRTConfig(StageConfig):
     max_batch: int = Field(256, ge=1)
     workspace: int = Field(4 << 30, ge=1)
     timing_cache: str | None = None
+    tf32: bool = True
     dry_run: bool = False
 
     @model_validator(mode="after")
@@ -111,7 +112,7 @@ class TensorRTConfig(StageConfig):
         from export.tensorrt import BuildOptions
 
         return BuildOptions(min_batch=self.min_batch, opt_batch=self.opt_batch, max_batch=self.max_batch,
-                            workspace=self.workspace,
+                            workspace=self.workspace, tf32=self.tf32,
                             timing_cache=Path(self.timing_cache) if self.timing_cache else None)
 
 
@@ -126,7 +127,8 @@ def run_tensorrt(cfg: TensorRTConfig, out: Path, *, command: str = "") -> StageR
     manifest = build_engine(Path(cfg.source), out, cfg.options(), command=command or cfg.command(out), log=log.info)
     t = manifest["tensorrt"]
     return StageResult({"engine": out}, {"built": True, "version": t["version"], "gpu": t["gpu"],
-                                         "compute_capability": t["compute_capability"], "trtexec": t.get("trtexec")})
+                                         "compute_capability": t["compute_capability"], "tf32": t["tf32"],
+                                         "trtexec": t.get("trtexec")})
 
 
 class DiffusersExportConfig(StageConfig):

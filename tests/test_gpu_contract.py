@@ -247,3 +247,85 @@ def test_exported_graphs_pass_polygraphy_lint(onnx_export, tmp_path, teacher_fil
     broken = tmp_path / "broken.onnx"
     broken.write_bytes((onnx_export / "model.onnx").read_bytes()[:5000])
     assert not polygraphy_lint(broken)["passed"]
+
+
+# -- ONNX Runtime on a GPU (what is checkable on the CPU build) ------------------------------------------------
+
+
+def test_gpu_sessions_get_the_device_index_and_tensorrt_ep_caches_and_profiles(onnx_export, monkeypatch, tmp_path):
+    from export.artifact import read_manifest
+    from export.backends.ort_backend import CPU_EP, CUDA_EP, TRT_EP, provider_options
+
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    m = read_manifest(onnx_export)
+    opts = dict((p if isinstance(p, tuple) else (p, None)) for p in
+                provider_options([TRT_EP, CUDA_EP, CPU_EP], m, "cuda:1"))
+    assert opts[CUDA_EP] == {"device_id": "1"} and opts[CPU_EP] is None
+    trt = opts[TRT_EP]
+    assert trt["device_id"] == "1" and trt["trt_engine_cache_enable"] == "True"
+    assert trt["trt_engine_cache_path"].startswith(str(tmp_path / "cache" / "ort-trt"))
+    assert trt["trt_profile_min_shapes"] == "x_t:1x1x8x8,t:1,labels:1"
+    assert trt["trt_profile_max_shapes"] == "x_t:256x1x8x8,t:256,labels:256"
+
+
+def test_a_provider_onnx_runtime_silently_dropped_is_refused(onnx_export, monkeypatch):
+    """This CPU build has no CUDA provider: a session asked for it falls back to the CPU without a word; the
+    backend says so in one line instead of returning CPU results as CUDA ones."""
+    import export.backends.ort_backend as ob
+    from export.artifact import read_manifest
+
+    monkeypatch.setattr(ob, "providers_for", lambda device, tensorrt_ep=False:
+                        ([ob.TRT_EP] if tensorrt_ep else []) + [ob.CUDA_EP, ob.CPU_EP])
+    monkeypatch.setattr(ob, "provider_options", lambda providers, manifest, device: [ob.CPU_EP])
+    with pytest.raises(DistillError, match="did not enable TensorrtExecutionProvider, CUDAExecutionProvider") as e:
+        ob.OrtBackend(read_manifest(onnx_export), device="cpu", tensorrt_ep=True)
+    assert "\n" not in str(e.value)
+
+
+def test_iobinding_calls_equal_plain_calls(onnx_export):
+    """The IOBinding path a GPU takes (inputs and output bound in place), run here on the CPU provider."""
+    from export.artifact import read_manifest
+    from export.backends.ort_backend import OrtBackend
+
+    m = read_manifest(onnx_export)
+    plain, bound = OrtBackend(m), OrtBackend(m, iobinding=True)
+    assert bound.iobinding and not plain.iobinding
+    x, t, cond = torch.randn(5, 1, 8, 8), torch.linspace(0.1, 0.9, 5), Cond(torch.arange(5))
+    assert torch.equal(bound(x, t, cond), plain(x, t, cond))
+
+
+# -- the GPU acceptance run ------------------------------------------------------------------------------------
+
+
+def test_the_gpu_acceptance_dry_run_checks_its_plumbing_on_a_cpu(tmp_path):
+    from benchmarks import gpu_acceptance
+
+    assert gpu_acceptance.main(["--out", str(tmp_path), "--dry-run"]) == 0
+    record = json.loads((tmp_path / "accept.json").read_text())
+    assert record["dry_run"] and record["counts"]["DRY-RUN"] == len(gpu_acceptance.CHECKS)
+    checks = {c["name"]: c for c in record["checks"]}
+    assert "cuda" in " ".join(checks["parity"]["would_skip"])  # no GPU here: it says what it would skip
+    assert any(p.startswith("parses: distill bench speed") for p in record["plumbing"])
+    assert any(p.startswith("grid mnist-gpu:") for p in record["plumbing"])
+    assert "(dry run)" in (tmp_path / "summary.md").read_text()
+
+
+def test_the_gpu_acceptance_run_records_skips_as_skips_and_failures_as_failures(tmp_path, monkeypatch):
+    from benchmarks import gpu_acceptance as ga
+
+    def boom(ctx):
+        raise RuntimeError("the check broke")
+
+    monkeypatch.setattr(ga, "CHECKS", [
+        ga.Check("fine", (), lambda ctx: {"status": "PASS", "result": {"rows": [{"a": 1.5}]}}, "a check", 1),
+        ga.Check("needs-gpu", ("cuda",), boom, "a GPU check", 1),
+        ga.Check("broken", (), boom, "a broken check", 1),
+        ga.Check("too-long", (), boom, "a long check", 10 * ga.BUDGET_S)])
+    monkeypatch.setattr(ga, "capabilities", lambda: {"cuda": "no CUDA GPU visible to torch"})
+    assert ga.main(["--out", str(tmp_path), "--device", "cuda"]) == 1
+    record = json.loads((tmp_path / "accept.json").read_text())
+    status = {c["name"]: (c["status"], c.get("reason", "")) for c in record["checks"]}
+    assert status["fine"][0] == "PASS" and status["needs-gpu"] == ("SKIP", "cuda: no CUDA GPU visible to torch")
+    assert status["broken"] == ("FAIL", "RuntimeError: the check broke") and status["too-long"][0] == "SKIP"
+    assert "out of time" in status["too-long"][1]
+    assert record["counts"] == {"PASS": 1, "FAIL": 1, "SKIP": 2, "DRY-RUN": 0}
