@@ -208,6 +208,8 @@ def _build(trt, src: dict, source: Path, out: Path, opts: BuildOptions, manifest
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, opts.workspace)
     if not opts.tf32:
         config.clear_flag(trt.BuilderFlag.TF32)
+    if hasattr(trt, "ProfilingVerbosity"):  # layer names, precisions and formats for the engine inspector
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     profile = builder.create_optimization_profile()
     for name, dims in manifest["tensorrt"]["profile"].items():
         profile.set_shape(name, dims["min"], dims["opt"], dims["max"])

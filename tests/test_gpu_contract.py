@@ -229,21 +229,15 @@ def test_graphs_tensorrt_cannot_parse_are_refused_before_a_build(onnx_export, tm
         prepare_build(src, tmp_path / "eng", BuildOptions())
 
 
-def test_exported_graphs_pass_polygraphy_lint(onnx_export, tmp_path, teacher_file):
-    """``polygraphy check lint`` (it runs the graph on ONNX Runtime) finds nothing in the fp32 export nor in the
-    TensorRT-target INT8 graph (Q/DQ with fp16 elsewhere)."""
+def test_exported_graphs_pass_polygraphy_lint(onnx_export, tmp_path):
+    """``polygraphy check lint`` (it runs the graph on ONNX Runtime) finds nothing in the fp32 export and fails a
+    truncated file (the FP16 and TensorRT INT8 graphs are linted where their tests make them)."""
     pytest.importorskip("polygraphy")
     pytest.importorskip("onnx_graphsurgeon")
-    from export.onnx import ExportOptions, export_onnx
-    from export.precision import Int8Options
     from export.tensorrt import polygraphy_lint
 
-    export_onnx(str(teacher_file), tmp_path / "i8", ExportOptions(precision="int8", check_batches=(1,),
-                                                                  int8=Int8Options(target="tensorrt", samples=2)),
-                log=lambda *a: None)
-    for graph in (onnx_export / "model.onnx", tmp_path / "i8/model.onnx"):
-        lint = polygraphy_lint(graph)
-        assert lint["passed"] and not lint["failing"], lint
+    lint = polygraphy_lint(onnx_export / "model.onnx")
+    assert lint["passed"] and not lint["failing"], lint
     broken = tmp_path / "broken.onnx"
     broken.write_bytes((onnx_export / "model.onnx").read_bytes()[:5000])
     assert not polygraphy_lint(broken)["passed"]
