@@ -323,3 +323,15 @@ def test_the_gpu_acceptance_run_records_skips_as_skips_and_failures_as_failures(
     assert status["broken"] == ("FAIL", "RuntimeError: the check broke") and status["too-long"][0] == "SKIP"
     assert "out of time" in status["too-long"][1]
     assert record["counts"] == {"PASS": 1, "FAIL": 1, "SKIP": 2, "DRY-RUN": 0}
+
+
+def test_an_exception_inside_tensorrt_is_one_line_naming_the_engine(engine, fake_trt, monkeypatch):
+    b = _backend(engine)
+
+    def raises(stream):
+        raise RuntimeError("[TRT] [E] 1: [defaultAllocator.cpp::allocate::31]\nCuda Runtime (out of memory)")
+
+    monkeypatch.setattr(b.context, "execute_async_v3", raises)
+    with pytest.raises(DistillError, match=r"model.engine: TensorRT failed while running the engine: \[TRT\]") as e:
+        b(torch.randn(2, 1, 8, 8), 0.5, Cond(torch.arange(2)))
+    assert "\n" not in str(e.value)

@@ -225,13 +225,19 @@ class TensorRTBackend:
             raise UsageError(f"{self.source}: batch {batch} is below the engine's profile ({lo}..{hi}); rebuild it "
                              f"with --min-batch {batch}")
         if batch <= hi:
-            return self._run_one(inputs)
-        chunks = [self._run_one([x[i:i + hi] for x in inputs]) for i in range(0, batch, hi) if batch - i >= lo]
+            return self._guarded(inputs)
+        chunks = [self._guarded([x[i:i + hi] for x in inputs]) for i in range(0, batch, hi) if batch - i >= lo]
         done = sum(c.shape[0] for c in chunks)
         if done < batch:  # a last piece below the profile's smallest batch: refused, never padded silently
             raise UsageError(f"{self.source}: batch {batch} leaves a last run of {batch - done} below the engine's "
                              f"profile ({lo}..{hi}); use a batch size that splits into runs of at least {lo}")
         return torch.cat(chunks)
+
+    def _guarded(self, inputs: list) -> Any:
+        try:
+            return self._run_one(inputs)
+        except TENSORRT_ERRORS as e:  # pybind11's translation of a TensorRT exception: one line naming the file
+            raise DistillError(f"{self.source}: TensorRT failed while running the engine: {one_line(e)}") from None
 
     def _run_one(self, inputs: list) -> Any:
 
