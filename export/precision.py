@@ -167,6 +167,7 @@ def fp32_kept_path(half, original) -> dict[str, int]:
                 restored[src] = name
                 counts["weights_restored_fp32"] += 1
             rename[node.output[0]] = restored[src]
+    counts["weights_copied_fp16"] = _fp16_copies_for_fp16_nodes(g, types, rename)
     if not rename:
         return counts
 
@@ -194,6 +195,31 @@ def fp32_kept_path(half, original) -> dict[str, int]:
     return counts
 
 
+def _fp16_copies_for_fp16_nodes(g, types: dict[str, int], rename: dict[str, str]) -> int:
+    """An fp32 initializer the converter left fp32 because a kept node shares it, read by a node computing in
+    fp16 (its other float inputs fp16): that node gets an fp16 copy (in place). Returns the copies made."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in g.initializer}
+    copies: dict[str, str] = {}
+    for node in g.node:
+        if node.op_type in ("Cast", "QuantizeLinear", "DequantizeLinear"):
+            continue
+        live = [rename.get(i, i) for i in node.input]
+        if _F16 not in {types.get(i) for i in live}:
+            continue
+        for k, name in enumerate(live):
+            init = inits.get(name)
+            if init is None or init.data_type != _F32:
+                continue
+            if name not in copies:
+                copies[name] = f"{name}_fp16"
+                g.initializer.append(numpy_helper.from_array(
+                    numpy_helper.to_array(init).astype(np.float16), copies[name]))
+            node.input[k] = copies[name]
+    return len(copies)
+
+
 def fp16_violations(model, image_input: str, kept: Sequence[str]) -> list[str]:
     """Where an fp16 graph's fp32 path is not fp32 (empty: none):
     - a round trip fp32 -> fp16 -> fp32 (a Cast pair: the value is rounded to fp16 on a path meant to be fp32);
@@ -215,8 +241,9 @@ def fp16_violations(model, image_input: str, kept: Sequence[str]) -> list[str]:
         for i in node.input:
             consumers.setdefault(i, []).append(node)
     out = []
+    graph_outputs = {o.name for o in g.output}
     for node in g.node:
-        if _cast_to(node) == _F32:
+        if _cast_to(node) == _F32 and node.output[0] not in graph_outputs:  # an output's Cast is the io boundary
             up = producer.get(node.input[0])
             if up is not None and _cast_to(up) == _F16 and types.get(up.input[0]) == _F32:
                 out.append(f"{up.name} -> {node.name}: fp32 -> fp16 -> fp32 round trip of {up.input[0]}")
@@ -318,7 +345,8 @@ def qdq_violations(model, base_dir: str | Path | None = None) -> list[str]:
 
             out.append(f"{n.name}: scale is {helper.tensor_dtype_to_np_dtype(have).name}, the tensor it quantizes "
                        f"is {helper.tensor_dtype_to_np_dtype(want).name} (strongly typed: the same)")
-        if scale.size == 1:
+        has_axis = any(a.name == "axis" for a in n.attribute)
+        if scale.size == 1 and not (has_axis and scale.ndim == 1):  # [1] with an axis: one channel, per-channel
             if scale.ndim:
                 out.append(f"{n.name}: per-tensor scale of shape {list(scale.shape)} (make it a scalar)")
             continue
@@ -357,10 +385,12 @@ def quantize_weighted_inputs_only(model) -> int:
             q = producer.get(n.input[0])
             if q is not None and q.op_type == "QuantizeLinear":
                 source[n.output[0]] = q.input[0]
+    weight_dq = {n.output[0] for n in g.node if n.op_type == "DequantizeLinear" and n.name in weight_q}
     count = 0
     for n in g.node:
         for k, name in enumerate(n.input):
-            if name in source and not (n.op_type in QUANTIZED_OPS and k == 0):
+            quantized_layer = n.op_type in QUANTIZED_OPS and k == 0 and len(n.input) > 1 and n.input[1] in weight_dq
+            if name in source and not quantized_layer:  # an excluded (float) layer reads the float tensor too
                 n.input[k] = source[name]
                 count += 1
     outputs = {o.name for o in g.output}
@@ -388,11 +418,16 @@ def qdq_placement(model) -> list[str]:
     for n in g.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
+    weight_dq = {n.output[0] for n in g.node if n.op_type == "DequantizeLinear" and n.name in weight_q}
     out = []
     for n in g.node:
         if n.op_type == "DequantizeLinear" and n.name not in weight_q:
             for user in consumers.get(n.output[0], []):
-                if user.op_type not in QUANTIZED_OPS or user.input[0] != n.output[0]:
+                if user.op_type in QUANTIZED_OPS and user.input[0] == n.output[0] and (
+                        len(user.input) < 2 or user.input[1] not in weight_dq):
+                    out.append(f"{n.name}: a quantized activation feeds {user.name} ({user.op_type}), a layer whose "
+                               "weight is not quantized")
+                elif user.op_type not in QUANTIZED_OPS or user.input[0] != n.output[0]:
                     up = producer.get(producer[n.input[0]].input[0]) if n.input[0] in producer else None
                     where = f" (the output of {up.name}, {up.op_type})" if up is not None else ""
                     out.append(f"{n.name}: a quantized activation{where} feeds {user.name} ({user.op_type}), "

@@ -219,8 +219,11 @@ def _build(trt, src: dict, source: Path, out: Path, opts: BuildOptions, manifest
                            f"{manifest['tensorrt']['profile']} (index {index})")
     cache_path = Path(manifest["tensorrt"]["timing_cache"])
     earlier = cache_path.read_bytes() if cache_path.is_file() else b""
-    cache = config.create_timing_cache(earlier)
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
+    try:
+        cache = config.create_timing_cache(earlier)
+    except TENSORRT_ERRORS:  # a blob this TensorRT cannot read at all: treated as a cache from elsewhere
+        cache = None
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
         log(f"{cache_path}: a timing cache made on another GPU or TensorRT version; building with a fresh one, "
             "which replaces it")
         cache = config.create_timing_cache(b"")

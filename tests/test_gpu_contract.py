@@ -4,6 +4,7 @@ made, that every status TensorRT returns is checked, and that each failure is on
 
 import json
 import shutil
+from pathlib import Path
 
 import fake_tensorrt
 import pytest
@@ -254,10 +255,11 @@ def test_gpu_sessions_get_the_device_index_and_tensorrt_ep_caches_and_profiles(o
     m = read_manifest(onnx_export)
     opts = dict((p if isinstance(p, tuple) else (p, None)) for p in
                 provider_options([TRT_EP, CUDA_EP, CPU_EP], m, "cuda:1"))
-    assert opts[CUDA_EP] == {"device_id": "1"} and opts[CPU_EP] is None
+    assert opts[CUDA_EP] == {"device_id": "1", "use_tf32": "0"} and opts[CPU_EP] is None
     trt = opts[TRT_EP]
     assert trt["device_id"] == "1" and trt["trt_engine_cache_enable"] == "True"
     assert trt["trt_engine_cache_path"].startswith(str(tmp_path / "cache" / "ort-trt"))
+    assert Path(trt["trt_engine_cache_path"]).is_dir()  # the EP makes one folder level only
     assert trt["trt_profile_min_shapes"] == "x_t:1x1x8x8,t:1,labels:1"
     assert trt["trt_profile_max_shapes"] == "x_t:256x1x8x8,t:256,labels:256"
 

@@ -36,6 +36,29 @@ def test_an_fp32_time_path_passes():
     assert fp16_violations(_time_graph(body, [W32]), "x_t", ["mul", "sin"]) == []
 
 
+def test_a_weight_shared_by_a_kept_and_an_fp16_node_gives_each_its_own_precision():
+    """The converter leaves a weight fp32 when a kept node shares it; the fp16 node then gets an fp16 copy (else
+    ONNX Runtime refuses the graph: a Mul bound to two types)."""
+    import onnxruntime as ort
+
+    nodes = [helper.make_node("Mul", ["t", "w"], ["phase"], name="mul_t"),
+             helper.make_node("Sin", ["phase"], ["emb"], name="sin"),
+             helper.make_node("Mul", ["x_t", "w"], ["xw"], name="mul_x"),
+             helper.make_node("Add", ["xw", "emb"], ["y"], name="add_image")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x_t", TP.FLOAT, [2, 4]),
+                                           helper.make_tensor_value_info("t", TP.FLOAT, [2, 1])],
+                              [helper.make_tensor_value_info("y", TP.FLOAT, [2, 4])],
+                              initializer=[numpy_helper.from_array(np.full((1, 4), 3.0, np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model.ir_version = 10
+    half, info = to_fp16(model)
+    assert info["cleaned"]["weights_copied_fp16"] == 1
+    x, t = np.ones((2, 4), np.float32), np.full((2, 1), 0.5, np.float32)
+    y = ort.InferenceSession(half.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x_t": x, "t": t})[0]
+    assert np.allclose(y, 3.0 + np.sin(1.5), atol=1e-3)
+
+
 def test_a_cast_pair_on_the_fp32_path_is_found():
     body = [helper.make_node("Mul", ["t", "w"], ["phase"], name="mul"), _cast("phase", "p16", TP.FLOAT16, "c16"),
             _cast("p16", "p32", TP.FLOAT, "c32"), helper.make_node("Sin", ["p32"], ["emb"], name="sin")]
@@ -123,11 +146,11 @@ def test_the_fp16_export_keeps_its_fp32_path_fp32_where_the_converter_alone_did_
 ZERO, SCALE = np.int8(0), np.float32(0.1)
 
 
-def _qdq_conv(*, x_zero=ZERO, x_scale=SCALE, x_axis=None, w_axis=0, w_scales=None,
+def _qdq_conv(*, channels=3, x_zero=ZERO, x_scale=SCALE, x_axis=None, w_axis=0, w_scales=None,
               scale_dtype=np.float32, x_dtype=TP.FLOAT, layer="Conv", w_zero_dtype=np.int8,
               computed_scale=False, external=None):
     """x (image) -> Q -> DQ -> layer(weight through Q/DQ) -> y, one defect at a time."""
-    c = 3
+    c = channels
     w = np.random.default_rng(0).standard_normal((c, 2, 1, 1) if layer == "Conv" else (2, c)).astype(np.float32)
     ws = np.full(c, 0.05, scale_dtype) if w_scales is None else w_scales
     inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.asarray(ws), "w_scale"),
@@ -196,6 +219,26 @@ def test_a_well_formed_qdq_graph_passes_every_rule(tmp_path):
 def test_each_qdq_rule_finds_its_defect(defect, needle):
     bad = qdq_violations(_qdq_conv(**defect))
     assert any(needle in b for b in bad), bad
+
+
+def test_a_one_channel_weight_may_have_a_per_channel_scale_of_one():
+    assert qdq_violations(_qdq_conv(channels=1)) == []
+
+
+def test_an_excluded_layer_reads_the_float_activation_not_a_shared_quantized_one():
+    """ONNX Runtime shares one activation Q/DQ among a tensor's consumers; a float (excluded) convolution beside a
+    quantized one must read the float tensor."""
+    from export.precision import quantize_weighted_inputs_only
+
+    model = _qdq_conv()
+    g = model.graph
+    g.initializer.append(numpy_helper.from_array(np.ones((3, 2, 1, 1), np.float32), "w_float"))
+    g.node.append(helper.make_node("Conv", ["xd", "w_float"], ["y2"], name="float_layer"))
+    g.output.append(helper.make_tensor_value_info("y2", TP.FLOAT, [1, 3, 4, 4]))
+    assert any("a layer whose weight is not quantized" in b for b in qdq_placement(model))
+    assert quantize_weighted_inputs_only(model) == 1
+    assert next(n for n in g.node if n.name == "float_layer").input[0] == "x"
+    assert next(n for n in g.node if n.name == "layer").input[0] == "xd" and qdq_placement(model) == []
 
 
 def test_qdq_data_in_missing_external_data_is_reported(tmp_path):

@@ -46,8 +46,11 @@ def providers_for(device: str, tensorrt_ep: bool = False) -> list[str]:
 
 
 def device_index(device: str) -> int:
+    """The CUDA device index of ``device`` (``cuda``: the current device)."""
     dev = torch.device(device if device != "cpu" else "cuda")
-    return dev.index or 0
+    if dev.index is not None:
+        return dev.index
+    return torch.cuda.current_device() if torch.cuda.is_available() else 0
 
 
 def provider_options(providers: list[str], manifest: dict[str, Any], device: str) -> list:
@@ -57,7 +60,8 @@ def provider_options(providers: list[str], manifest: dict[str, Any], device: str
     index = device_index(device)
     for name in providers:
         if name == CUDA_EP:
-            out.append((name, {"device_id": str(index)}))
+            # TF32 off: an fp32 graph computes in fp32 (ONNX Runtime's CUDA provider would use TF32 matmuls)
+            out.append((name, {"device_id": str(index), "use_tf32": "0"}))
         elif name == TRT_EP:
             from distill.rundir import cache_dir
             from export.backends import input_shapes
@@ -65,6 +69,7 @@ def provider_options(providers: list[str], manifest: dict[str, Any], device: str
             graph = Path(manifest["path"])
             key = (manifest.get("files") or {}).get(graph.name) or "unhashed"
             cache = cache_dir() / "ort-trt" / key[:32]
+            cache.mkdir(parents=True, exist_ok=True)  # the TensorRT EP creates one folder level only
 
             def shapes(batch: int) -> str:
                 return ",".join(f"{n}:{'x'.join(map(str, s))}" for n, s in input_shapes(manifest, batch).items())
@@ -162,15 +167,17 @@ class OrtBackend:
             binding.bind_input(name, kind, index, _np_type(x.dtype), list(x.shape), x.data_ptr())
         batch = int(inputs[0].shape[0])
         dims = [d if isinstance(d, int) else None for d in self.output_dims]
+        out = None
         if any(d is None for d in dims):  # a non-batch dynamic axis: ONNX Runtime allocates, then we copy
             binding.bind_output(self.output_name, kind, index)
-            self.session.run_with_iobinding(binding)
-            return torch.from_numpy(binding.copy_outputs_to_cpu()[0]).to(dev).float()
-        out = torch.empty([batch, *dims], dtype=self.output_type, device=dev)
-        binding.bind_output(self.output_name, kind, index, _np_type(out.dtype), list(out.shape), out.data_ptr())
+        else:
+            out = torch.empty([batch, *dims], dtype=self.output_type, device=dev)
+            binding.bind_output(self.output_name, kind, index, _np_type(out.dtype), list(out.shape), out.data_ptr())
         if kind == "cuda":
             torch.cuda.current_stream(dev).synchronize()  # inputs written by torch before ONNX Runtime reads them
         self.session.run_with_iobinding(binding)
+        if out is None:
+            return torch.from_numpy(binding.copy_outputs_to_cpu()[0]).to(dev).float()
         del held
         return out.float()
 
@@ -194,5 +201,8 @@ class OrtBackend:
 
 
 def _np_type(dtype: torch.dtype):
-    return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
-            torch.int32: np.int32}[dtype]
+    types = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
+             torch.bool: np.bool_}
+    if dtype not in types:  # numpy has no bfloat16: such a graph runs through the plain (host) path
+        raise UsageError(f"a {dtype} graph input or output cannot be bound in place; run it on the CPU provider")
+    return types[dtype]

@@ -235,7 +235,8 @@ class TensorRTBackend:
 
     def _guarded(self, inputs: list) -> Any:
         try:
-            return self._run_one(inputs)
+            with CUDA.guard(self.index):  # the device the engine was deserialized on (cuda:N)
+                return self._run_one(inputs)
         except TENSORRT_ERRORS as e:  # pybind11's translation of a TensorRT exception: one line naming the file
             raise DistillError(f"{self.source}: TensorRT failed while running the engine: {one_line(e)}") from None
 
