@@ -302,7 +302,8 @@ class Trainer:
         self.step += 1
         if hasattr(self.loss, "update"):
             self.loss.update(acc.unwrap_model(self.net), self.step)
-        return {"loss": loss_value, "grad_norm": grad_norm, "lr": lr}
+        # a loss with parts of its own (DMD2: distribution matching, GAN, fake score) reports them per step
+        return {"loss": loss_value, "grad_norm": grad_norm, "lr": lr, **getattr(self.loss, "metrics", {})}
 
     @contextmanager
     def _deferred_signals(self) -> Iterator[None]:
@@ -348,7 +349,8 @@ class Trainer:
                     if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                         record = {"step": self.step, "loss": sum(running) / len(running),
                                   "grad_norm": last["grad_norm"], "lr": last["lr"],
-                                  "sec_per_step": (time.perf_counter() - t0) / len(running)}
+                                  "sec_per_step": (time.perf_counter() - t0) / len(running),
+                                  **{k: v for k, v in last.items() if k not in ("loss", "grad_norm", "lr")}}
                         if self.accelerator.is_main_process:
                             log.write(json.dumps(record) + "\n")
                             log.flush()

@@ -29,7 +29,7 @@ def run_entry(entry, folder: Path, *, progress: bool = True) -> StageResult:
     """Run one recipe entry into ``folder`` (each stage resumes where a killed run of it stopped)."""
     from distill.app.stages.bench import run_bench
     from distill.app.stages.export import run_diffusers_export, run_export, run_tensorrt
-    from distill.app.stages.train import run_consistency, run_progressive, run_teacher
+    from distill.app.stages.train import run_consistency, run_dmd, run_progressive, run_teacher
 
     cfg, cmd = entry.config, commands(entry, folder)[0]
     if entry.kind == "teacher":
@@ -38,6 +38,8 @@ def run_entry(entry, folder: Path, *, progress: bool = True) -> StageResult:
         return run_progressive(cfg, folder, command=cmd, progress=progress)
     if entry.kind == "consistency":
         return run_consistency(cfg, folder, command=cmd, progress=progress)
+    if entry.kind == "dmd":
+        return run_dmd(cfg, folder, command=cmd, progress=progress)
     if entry.kind == "export":
         return run_export(cfg, folder, command=cmd)
     if entry.kind == "tensorrt":

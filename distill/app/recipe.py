@@ -32,10 +32,11 @@ from distill.app.gates import GATE_KINDS, Gate
 from distill.app.stages.base import StageConfig, as_list, describe_error, field_path
 from distill.app.stages.bench import BenchConfig, ModelEntry
 from distill.app.stages.export import DiffusersExportConfig, ExportConfig, TensorRTConfig
-from distill.app.stages.train import ConsistencyConfig, ProgressiveConfig, TeacherConfig
+from distill.app.stages.train import ConsistencyConfig, DMDConfig, ProgressiveConfig, TeacherConfig
 from distill.errors import ConfigError, UsageError
 
-STAGE_KINDS: dict[str, type[StageConfig]] = {"progressive": ProgressiveConfig, "consistency": ConsistencyConfig}
+STAGE_KINDS: dict[str, type[StageConfig]] = {"progressive": ProgressiveConfig, "consistency": ConsistencyConfig,
+                                             "dmd": DMDConfig}
 EXPORT_KINDS: dict[str, type[StageConfig]] = {"export": ExportConfig, "tensorrt": TensorRTConfig,
                                               "diffusers": DiffusersExportConfig}
 TOP_KEYS = ("name", "description", "precision", "threads", "seed", "teacher", "stages", "exports", "benchmark",
@@ -255,8 +256,12 @@ def load_recipe(path: Path | str, overrides: tuple[str, ...] = (), out: Path | N
         values = {k: v for k, v in e.items() if k not in ("name", "kind")}
         model, parent = _ref(source, f"{where}.teacher", values.get("teacher", TEACHER), known, "a teacher")
         values["teacher"] = model
+        parents = [parent] if parent else []
+        if values.get("init") is not None:  # dmd: the generator's starting point, an earlier stage or a model
+            values["init"], init_parent = _ref(source, f"{where}.init", values["init"], known, "a model")
+            parents += [init_parent] if init_parent and init_parent not in parents else []
         cfg = _validate(source, where, cls.build, with_defaults(cls, values))
-        entry = Entry(n, kind, cfg, [parent] if parent else [], where)
+        entry = Entry(n, kind, cfg, parents, where)
         stages.append(entry)
         known[n] = str(planned_model(entry, out / n))
 

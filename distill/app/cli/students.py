@@ -160,3 +160,61 @@ def consistency(teacher, out, precision, bf16, **params):
     cfg = build(ConsistencyConfig, teacher=teacher, precision=training_precision(precision, bf16), **params)
     result = run_consistency(cfg, out, command=command_line())
     click.echo(f"student: {result.outputs['model']}")
+
+
+@click.command("dmd")
+@config_option("dmd")
+@click.option("--out", type=NonEmptyPath(file_okay=False, path_type=Path), required=True, metavar="DIR",
+              help="Run directory (model.safetensors with the student card, train_state.safetensors, metrics.jsonl).")
+@click.option("--init", default=None, metavar="MODEL",
+              help="The one-step generator's starting point: a progressive or consistency student (or any model "
+                   "on the teacher's schedule) [default: the teacher].")
+@click.option("--data", default=None, metavar="SPEC", help="Real images [default: the teacher's data].")
+@click.option("--steps", type=click.IntRange(1, 10**9), default=1000, metavar="N", help="Generator updates.")
+@click.option("--batch-size", type=click.IntRange(1, 65536), default=32, metavar="B")
+@click.option("--lr", type=Finite(min=0, min_open=True), default=1e-5, help="The generator's learning rate.")
+@click.option("--fake-lr", type=Finite(min=0, min_open=True), default=None,
+              help="The fake score's and the discriminator head's learning rate [--lr].")
+@click.option("--fake-updates", type=click.IntRange(1, 100), default=4, metavar="K",
+              help="Fake-score / discriminator updates per generator update (two time-scale rule).")
+@click.option("--gan-weight", type=Finite(0), default=3e-3, help="The GAN term in the generator's loss (0: none).")
+@click.option("--disc-weight", type=Finite(0), default=1e-2, help="The GAN loss in the discriminator's update.")
+@click.option("--t-min", type=Finite(0, 1, min_open=True), default=0.02, help="Lowest noise level (t) matched.")
+@click.option("--t-max", type=Finite(0, 1, min_open=True), default=0.98, help="Highest noise level (t) matched.")
+@click.option("--guidance", type=Finite(), default=None, metavar="W",
+              help="The teacher's classifier-free guidance weight, baked into the generator [the teacher card's].")
+@click.option("--label-dropout", type=Finite(0, 1), default=0.1,
+              help="Null-class probability in the fake score's diffusion loss.")
+@click.option("--ema-decay", type=Finite(0, 1, max_open=True), default=0.999,
+              help="EMA of the generator saved as the model (0: the trained weights).")
+@click.option("--warmup", type=click.IntRange(0, 10**9), default=0, metavar="N", help="Warmup steps.")
+@click.option("--grad-clip", type=Finite(0), default=1.0)
+@precision_options
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0)
+@click.option("--ckpt-every", type=click.IntRange(1, 10**9), default=100, metavar="N")
+@threads_option()
+@click.argument("teacher", metavar="TEACHER", required=False, callback=non_empty)
+def dmd(teacher, out, precision, bf16, **params):
+    """Distribution matching distillation (DMD2, Yin et al. 2024): a one-step generator trained so that its
+    samples' distribution matches TEACHER's.
+
+    The generator starts from --init (a one-step progressive or consistency student, or the teacher). Each step
+    first updates a fake score (a copy of the teacher trained with the diffusion loss on the generator's samples)
+    and a small discriminator head on the teacher's bottleneck features, --fake-updates times; then the generator
+    follows the difference of the fake and the real (teacher's) score on its noised samples, plus a GAN term. Run
+    the same command again to continue an interrupted run.
+
+    \b
+    Example:
+      distill dmd mnist --init mnist-1step --out runs/mnist-dmd --steps 1000
+      distill sample runs/mnist-dmd --seeds 0-99
+    """
+    from distill.app.stages.train import DMDConfig, run_dmd
+    from distill.preflight import check_output_dir
+
+    if teacher is None:
+        raise UsageError(MISSING_TEACHER)
+    check_output_dir(out, "--out")
+    cfg = build(DMDConfig, teacher=teacher, precision=training_precision(precision, bf16), **params)
+    result = run_dmd(cfg, out, command=command_line())
+    click.echo(f"student: {result.outputs['model']}")

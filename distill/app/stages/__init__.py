@@ -20,14 +20,17 @@ from distill.app.stages.export import ExportConfig, TensorRTConfig, run_export, 
 from distill.app.stages.generate import EvalConfig, SampleConfig, run_eval, run_sample
 from distill.app.stages.train import (
     ConsistencyConfig,
+    DMDConfig,
     ProgressiveConfig,
     TeacherConfig,
     run_consistency,
+    run_dmd,
     run_progressive,
     run_teacher,
 )
 
 __all__ = ["StageConfig", "StageResult", "TeacherConfig", "run_teacher", "ProgressiveConfig", "run_progressive",
-           "ConsistencyConfig", "run_consistency", "ExportConfig", "run_export", "TensorRTConfig", "run_tensorrt",
+           "ConsistencyConfig", "run_consistency",
+           "DMDConfig", "run_dmd", "ExportConfig", "run_export", "TensorRTConfig", "run_tensorrt",
            "SampleConfig", "run_sample", "EvalConfig", "run_eval", "QualityConfig", "run_bench_quality",
            "SpeedConfig", "run_bench_speed", "ReportConfig", "run_bench_report", "BenchConfig", "run_bench"]

@@ -267,3 +267,51 @@ def run_consistency(cfg: ConsistencyConfig, out: Path, *, command: str = "", pro
                                    scorer=QualityScorer() if cfg.search_samples else None)
     return StageResult({"model": path}, {"steps": cfg.steps, "loss": last_loss(out), "mode": cfg.mode,
                                          **run["record"]})
+
+
+class DMDConfig(TrainFields):
+    """``distill dmd``: distribution matching distillation (DMD2) of a one-step generator against a teacher."""
+
+    kind: ClassVar[str] = "dmd"
+    cli: ClassVar[str] = "dmd"
+    positional: ClassVar[tuple[str, ...]] = ("teacher",)
+    inputs: ClassVar[tuple[str, ...]] = ("teacher", "init")
+
+    teacher: str = Field(min_length=1)  # the real score: a model file, run directory or shipped name
+    init: str | None = None  # the generator's starting point [the teacher]
+    data: str | None = None  # [default: the teacher's training data]
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(32, ge=1, le=65536)
+    lr: float = Field(1e-5, gt=0, allow_inf_nan=False)
+    fake_lr: float | None = Field(None, gt=0, allow_inf_nan=False)
+    fake_updates: int = Field(4, ge=1, le=100)
+    gan_weight: float = Field(3e-3, ge=0, allow_inf_nan=False)
+    disc_weight: float = Field(1e-2, ge=0, allow_inf_nan=False)
+    t_min: float = Field(0.02, gt=0, lt=1)
+    t_max: float = Field(0.98, gt=0, le=1)
+    guidance: float | None = Field(None, allow_inf_nan=False)
+    label_dropout: float = Field(0.1, ge=0, le=1)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.t_min >= self.t_max:
+            raise ConfigError("t_min", f"{self.t_min} >= t_max {self.t_max}: need t_min < t_max")
+        return self
+
+    def options(self, bf16: bool = False):
+        from distill.dmd import DMDOptions
+
+        fields = {k: getattr(self, k) for k in DMDOptions.__dataclass_fields__ if k in type(self).model_fields}
+        return DMDOptions(**{**fields, "bf16": bf16})
+
+
+def run_dmd(cfg: DMDConfig, out: Path, *, command: str = "", progress: bool = True) -> StageResult:
+    """Run (or continue) DMD2 into ``out``; the output ``model`` is the one-step generator."""
+    from distill.dmd import distill_dmd
+
+    out = Path(out)
+    with training_run(cfg, "dmd") as run:
+        path = distill_dmd(cfg.teacher, out, cfg.options(run["bf16"]), init=cfg.init, data_spec=cfg.data,
+                           command=command or cfg.command(out), progress=progress, log=log.info)
+    return StageResult({"model": path}, {"steps": cfg.steps, "loss": last_loss(out), **run["record"]})

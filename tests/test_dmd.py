@@ -1,0 +1,105 @@
+"""Distribution matching distillation (DMD2) on the tiny 8x8 digits teacher: exact resume of the generator, the
+fake score, the discriminator head and their optimizer; the distribution-matching gradient; the card; the CLI's
+mistakes; a recipe stage."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distill.checkpoint import load_denoiser, read_metadata
+from distill.methods.dmd import DMDLoss
+
+ARGS = ["--steps", "4", "--batch-size", "4", "--ckpt-every", "2", "--fake-updates", "2", "--ema-decay", "0.9"]
+
+
+def test_a_killed_dmd_run_resumes_to_the_same_weights(tmp_path, teacher_file, distill_main, monkeypatch):
+    """Killed inside generator step 3 (last checkpoint at step 2), the same command continues and ends with the
+    generator, its EMA, the fake score, the head and both optimizers of an uninterrupted run."""
+    code, _, err = distill_main("dmd", teacher_file, "--out", tmp_path / "whole", *ARGS)
+    assert code == 0, err
+    calls = {"n": 0}
+    original = DMDLoss.forward
+
+    def dying(self, *a):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, *a)
+
+    monkeypatch.setattr(DMDLoss, "forward", dying)
+    code, _, err = distill_main("dmd", teacher_file, "--out", tmp_path / "cut", *ARGS)
+    assert code == 130 and read_metadata(tmp_path / "cut" / "train_state.safetensors")["step"] == 2
+    monkeypatch.setattr(DMDLoss, "forward", original)
+    code, stdout, err = distill_main("dmd", teacher_file, "--out", tmp_path / "cut", *ARGS)
+    assert code == 0 and "resuming" in stdout, err
+    a = load_file(tmp_path / "whole" / "train_state.safetensors")
+    b = load_file(tmp_path / "cut" / "train_state.safetensors")
+    assert a.keys() == b.keys()
+    assert any(k.startswith("loss.fake.") for k in a) and any(k.startswith("loss.head.") for k in a)
+    assert any(k.startswith("loss.opt.") for k in a) and not any(k.startswith("loss.teacher.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the card: a one-step student of the teacher; the log has every part of the loss
+    den = load_denoiser(tmp_path / "whole")
+    card = den.metadata["card"]
+    assert card["method"] == "dmd2" and card["steps"] == 1 and card["timesteps"] == [1.0, 0.0]
+    assert card["sampler"] == "ddim" and card["compute"]["fake_updates_per_step"] == 2
+    lines = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert {"dm_loss", "gan_loss", "fake_loss", "disc_loss"} <= set(lines[-1])
+    code, _, err = distill_main("sample", tmp_path / "whole", "--seeds", "0-3", "--out", tmp_path / "s")
+    assert code == 0, err
+    # more steps continue the same run
+    code, stdout, err = distill_main("dmd", teacher_file, "--out", tmp_path / "whole", *ARGS[2:], "--steps", "5")
+    assert code == 0 and "resuming" in stdout, err
+
+
+def test_the_matching_gradient_vanishes_when_the_fake_score_is_the_real_one(teacher_file):
+    """Before the fake score has moved away from its copy of the teacher, fake and real scores agree: the
+    distribution-matching term and its gradient are zero; the GAN term alone moves the generator."""
+    teacher = load_denoiser(teacher_file)
+    student = load_denoiser(teacher_file)
+    loss = DMDLoss(teacher, image_shape=(1, 8, 8), fake_updates=1, fake_lr=1e-30, gan_weight=0.0, disc_weight=0.0)
+    x0 = torch.rand(6, 1, 8, 8) * 2 - 1
+    out = loss(student, x0, torch.arange(6), torch.Generator().manual_seed(0))
+    assert out.shape == (6,) and float(out.detach().abs().max()) < 1e-10
+    out.sum().backward()
+    grads = [p.grad for p in student.net.parameters() if p.grad is not None]
+    assert grads and max(float(g.abs().max()) for g in grads) < 1e-8
+    assert loss.metrics["dm_loss"] < 1e-10 and "gan_loss" not in loss.metrics
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--t-min", "0.9", "--t-max", "0.5"], "need --t-min < --t-max"),
+    (["--guidance", "1", "--init", "nonexistent.safetensors"], "nonexistent"),
+    (["--fake-updates", "0"], "--fake-updates"),
+])
+def test_bad_dmd_options_are_one_line(tmp_path, teacher_file, distill_main, args, needle):
+    code, _, err = distill_main("dmd", teacher_file, "--out", tmp_path / "d", *args)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "d" / "train_state.safetensors").exists()
+
+
+def test_a_recipe_dmd_stage_starts_from_an_earlier_stage(tmp_path, teacher_file):
+    from distill.app.recipe import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+name: dmd-test
+teacher: {teacher_file}
+stages:
+  - name: pd
+    kind: progressive
+    start_steps: 4
+    target_steps: 1
+    round_steps: 2
+  - name: dmd
+    kind: dmd
+    init: pd
+    steps: 3
+""")
+    r = load_recipe(recipe, out=tmp_path / "runs")
+    entry = next(e for e in r.stages if e.name == "dmd")
+    assert entry.config.init.endswith("pd/steps-1/model.safetensors") and "pd" in entry.needs
+    assert entry.config.command(tmp_path / "runs/dmd").startswith(f"distill dmd {teacher_file} --out")
