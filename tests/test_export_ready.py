@@ -232,3 +232,28 @@ def test_samplers_take_the_schedule_explicitly_so_a_backend_can_stand_in():
         generate(backend, (3,), range(2), sampler="ddim", steps=2)
     with pytest.raises(UsageError, match="eta"):
         generate(oracle, (3,), range(2), sampler="heun", steps=2, eta=0.5)
+
+
+def test_a_new_guidance_students_w_embedding_is_exactly_zero_at_w_0_whatever_its_weights():
+    """The w embedding is gated by w: however training moves its weights, w = 0 gives the network without it (a
+    student made before the gate, whose config lacks it, keeps its ungated embedding)."""
+    from dataclasses import replace
+
+    from distill.models.unet import UNet, UNetConfig, with_guidance_embedding
+
+    torch.manual_seed(0)
+    base = UNet(UNetConfig(image_size=8, channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                           num_classes=3)).eval()
+    for p in base.parameters():  # untrained blocks' zero-initialised outputs would hide the embedding
+        torch.nn.init.normal_(p, std=0.2)
+    student = with_guidance_embedding(base).eval()
+    assert student.config.guidance_gate
+    for p in student.guidance_mlp.parameters():
+        torch.nn.init.normal_(p, std=1.0)  # "trained" far from its zero start
+    x, t, labels = torch.randn(4, 1, 8, 8), torch.full((4,), 500.0), torch.arange(4) % 3
+    with torch.no_grad():
+        assert torch.equal(student(x, t, labels, torch.zeros(4)), base(x, t, labels))
+        assert not torch.allclose(student(x, t, labels, torch.ones(4)), base(x, t, labels))
+        old = UNet(replace(student.config, guidance_gate=False)).eval()
+        old.load_state_dict(student.state_dict())
+        assert not torch.allclose(old(x, t, labels, torch.zeros(4)), base(x, t, labels))

@@ -33,6 +33,9 @@ from distill.losses import Loss, diffuse, drop_labels
 from distill.parameterization import append_dims
 from distill.samplers import clean_alpha_sigma, ddim_step
 
+# With a guidance range, the share of examples distilled at its low end (w = 0 for the usual [0, w_max]).
+GUIDANCE_LOW_PROB = 0.2
+
 
 def truncated_snr_weight(alpha: Tensor, sigma: Tensor) -> Tensor:
     """Salimans & Ho's "truncated SNR" weighting of an x-space loss: ``max(alpha^2 / sigma^2, 1)``."""
@@ -61,8 +64,11 @@ class _TeacherLoss(Loss):
         self.label_dropout = float(label_dropout)
 
     def describe(self) -> dict[str, Any]:
-        return {"guidance": list(self.guidance) if isinstance(self.guidance, tuple) else self.guidance,
-                "label_dropout": self.label_dropout, "weighting": "truncated_snr"}
+        out = {"guidance": list(self.guidance) if isinstance(self.guidance, tuple) else self.guidance,
+               "label_dropout": self.label_dropout, "weighting": "truncated_snr"}
+        if isinstance(self.guidance, tuple):
+            out["guidance_low_prob"] = GUIDANCE_LOW_PROB
+        return out
 
     def _eval(self) -> None:
         if isinstance(self.teacher, nn.Module):
@@ -77,8 +83,10 @@ class _TeacherLoss(Loss):
             return Cond(), Cond()
         if isinstance(self.guidance, tuple):
             lo, hi = self.guidance
-            w = (lo + (hi - lo) * torch.rand(n, generator=generator)).to(device)
-            return Cond(labels, w), Cond(labels, w)
+            w = lo + (hi - lo) * torch.rand(n, generator=generator)
+            # the range's low end (w = 0: no guidance) drawn more often, where a guided student was worst
+            w = torch.where(torch.rand(n, generator=generator) < GUIDANCE_LOW_PROB, torch.full_like(w, lo), w)
+            return Cond(labels, w.to(device)), Cond(labels, w.to(device))
         w = self.guidance
         return Cond(labels, w), Cond(labels, w if model.guidance_input else 0.0)
 

@@ -28,6 +28,9 @@ class UNetConfig:
     num_classes: int = 0  # 0 = unconditional; otherwise label num_classes is the null class
     time_embed_dim: int | None = None  # default 4 * channels
     guidance_embed: bool = False  # takes the guidance weight w as an input (guidance-distilled students)
+    # the w embedding multiplied by w, so it is exactly zero at w = 0 for any trained weights (students made before
+    # this was added keep the ungated embedding: False when their config lacks it)
+    guidance_gate: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -186,8 +189,8 @@ class UNet(nn.Module):
         if self.guidance_mlp is not None:
             w = torch.zeros_like(t_in) if w is None else torch.as_tensor(w, device=x.device).reshape(-1).expand(
                 x.shape[0])
-            emb = emb + self.guidance_mlp(timestep_embedding(GUIDANCE_EMBED_SCALE * w, self.config.channels).to(
-                x.dtype))
+            g = self.guidance_mlp(timestep_embedding(GUIDANCE_EMBED_SCALE * w, self.config.channels).to(x.dtype))
+            emb = emb + (g * w.to(g.dtype)[:, None] if self.config.guidance_gate else g)
         if self.class_emb is not None:
             if labels is None:
                 labels = torch.full((x.shape[0],), self.config.num_classes, device=x.device, dtype=torch.long)
@@ -205,10 +208,11 @@ class UNet(nn.Module):
 
 def with_guidance_embedding(net: UNet) -> UNet:
     """A copy of ``net`` that also takes the guidance weight ``w``: same weights, plus a zero-initialised ``w``
-    embedding, so it gives ``net``'s output for every ``w`` until trained (guidance distillation's start)."""
+    embedding gated by ``w`` (exactly zero at ``w = 0`` whatever training does to it), so it gives ``net``'s output
+    for every ``w`` until trained (guidance distillation's start) and at ``w = 0`` after."""
     from dataclasses import replace
 
-    student = UNet(replace(net.config, guidance_embed=True)).to(next(net.parameters()).device)
+    student = UNet(replace(net.config, guidance_embed=True, guidance_gate=True)).to(next(net.parameters()).device)
     missing, unexpected = student.load_state_dict(net.state_dict(), strict=False)
     if unexpected or any(not k.startswith(GUIDANCE_EMBED_PARAMS) for k in missing):
         raise ValueError(f"cannot copy weights into a guidance student: missing {missing}, unexpected {unexpected}")
