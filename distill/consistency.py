@@ -42,7 +42,8 @@ class ConsistencyOptions:
     target_decay: float = 0.0  # the target network's EMA decay mu (0: stop-gradient, improved CT)
     metric: str = "pseudo_huber"
     weighting: str | None = None  # [cd: uniform; ct: inverse_gap]
-    noise_sampling: str | None = None  # [cd: uniform; ct: lognormal]
+    noise_sampling: str | None = None  # [cd: uniform; ct: ect from the teacher, lognormal from scratch]
+    ect_q: float = 2.0  # ECT: the gap shrinks by q at each of 8 stages
     from_scratch: bool = False  # ct: the teacher's architecture with fresh weights (else initialised from it)
     sigma_data: float = 0.5
     dropout: float = 0.0
@@ -65,11 +66,16 @@ class ConsistencyOptions:
 
     def resolved(self) -> ConsistencyOptions:
         cd = self.mode == "cd"
-        curriculum = self.curriculum if self.curriculum is not None or self.scales is not None or cd else (10, 1280)
-        scales = self.scales if self.scales is not None or not cd or self.curriculum is not None else 18
+        # consistency training from the teacher defaults to ECT (continuous pairs); from scratch, or given a
+        # discretization, to improved CT's recipe
+        discrete = self.scales is not None or self.curriculum is not None or self.from_scratch
+        sampling = self.noise_sampling or ("uniform" if cd else ("lognormal" if discrete else "ect"))
+        ect = sampling == "ect"
+        curriculum = self.curriculum if self.curriculum is not None or self.scales is not None or cd or ect \
+            else (10, 1280)
+        scales = self.scales if self.scales is not None or not cd or self.curriculum is not None or ect else 18
         return replace(self, scales=scales, curriculum=curriculum,
-                       weighting=self.weighting or ("uniform" if cd else "inverse_gap"),
-                       noise_sampling=self.noise_sampling or ("uniform" if cd else "lognormal"))
+                       weighting=self.weighting or ("uniform" if cd else "inverse_gap"), noise_sampling=sampling)
 
     def validate(self) -> None:
         from distill.distillation import check_guidance_options
@@ -80,6 +86,8 @@ class ConsistencyOptions:
                                        ("--noise-sampling", self.noise_sampling, NOISE_SAMPLINGS)):
             if value is not None and value not in allowed:
                 raise UsageError(f"{option} {value}: use one of {', '.join(allowed)}")
+        if not self.ect_q > 1:
+            raise UsageError(f"--ect-q {self.ect_q}: must be > 1")
         if self.scales is not None and self.curriculum is not None:
             raise UsageError("--scales and --curriculum: give one (a fixed discretization or the doubling one)")
         if self.scales is not None and self.scales < 2:
@@ -246,7 +254,8 @@ def distill_consistency(teacher_spec: str, out: Path, opts: ConsistencyOptions, 
     loss = ConsistencyLoss(student, mode=opts.mode, teacher=teacher if cd else None, total_steps=opts.steps,
                            scales=opts.scales, curriculum=opts.curriculum or (10, 1280), solver=opts.solver,
                            target_decay=opts.target_decay, metric=opts.metric, weighting=opts.weighting,
-                           noise_sampling=opts.noise_sampling, guidance=w, label_dropout=opts.label_dropout)
+                           noise_sampling=opts.noise_sampling, guidance=w, label_dropout=opts.label_dropout,
+                           ect_q=opts.ect_q)
     branches = 2 if (not teacher.guidance_input and (grange is not None or plan.fixed)) else 1
     teacher_forwards = ((2 if opts.solver == "heun" else 1) * branches) if cd else 0
     sha = file_sha256(teacher_path)

@@ -301,7 +301,9 @@ def test_ct_uses_no_teacher_evaluations_and_from_scratch_does_not_start_from_the
     assert code == 0, err
     assert calls["n"] == 0
     meta = read_metadata(out / "model.safetensors")
-    assert meta["method"]["curriculum"] == [10, 1280] and meta["method"]["noise_sampling"] == "lognormal"
+    # from the teacher: ECT's continuous pairs by default (improved CT's recipe from scratch, below)
+    assert meta["method"]["noise_sampling"] == "ect" and meta["method"]["curriculum"] is None
+    assert meta["method"]["ect_q"] == 2.0 and meta["method"]["total_steps"] == 4
     assert meta["method"]["weighting"] == "inverse_gap" and meta["card"]["compute"]["teacher_forwards_per_step"] == 0
     assert meta["card"]["timestep_search"] is None and len(meta["card"]["timesteps"]) == 3
     code, _, err = distill_main("consistency", teacher_file, "--out", tmp_path / "scratch", "--mode", "ct",
@@ -312,8 +314,10 @@ def test_ct_uses_no_teacher_evaluations_and_from_scratch_does_not_start_from_the
     scratch = load_file(tmp_path / "scratch" / "model.safetensors")
     tuned = load_file(out / "model.safetensors")
     key = "out.weight" if "out.weight" in teacher else sorted(teacher)[-1]
-    assert not torch.allclose(scratch[key], teacher[key]) and read_metadata(
-        tmp_path / "scratch" / "model.safetensors")["card"]["initialised_from"] is None
+    scratch_meta = read_metadata(tmp_path / "scratch" / "model.safetensors")
+    assert not torch.allclose(scratch[key], teacher[key]) and scratch_meta["card"]["initialised_from"] is None
+    assert scratch_meta["method"]["noise_sampling"] == "lognormal"
+    assert scratch_meta["method"]["curriculum"] == [10, 1280]
     assert torch.allclose(tuned[key], teacher[key], atol=0.05)
 
 
@@ -453,3 +457,31 @@ def test_the_shipped_consistency_student_samples_from_its_card_in_one_to_three_s
     for steps in (1, 3):
         images, labels = draw_samples(den, steps=steps, seeds=[0, 1], batch_size=2, progress=False)
         assert images.shape == (2, 32, 32, 1) and labels.tolist() == [0, 1]
+
+
+def test_ect_pairs_shrink_stage_by_stage_and_end_on_the_data_below_sigma_min(teacher_file):
+    """ECT (Geng et al. 2024): r = t (1 - n(t) / q^(s + 1)), n(t) = 1 + 8 sigmoid(-t), stage s of 8; a lower level
+    below sigma_min means the target is the data itself."""
+    from distill.methods.consistency import ECT_STAGES, ect_pair
+
+    t = torch.tensor([0.01, 0.1, 1.0, 10.0, 80.0], dtype=torch.float64)
+    n = 1 + 8 * torch.sigmoid(-t)
+    assert torch.allclose(ect_pair(t, 0, 800), t * (1 - n / 2))
+    assert torch.allclose(ect_pair(t, 799, 800), t * (1 - n / 2 ** ECT_STAGES))
+    gaps = [(t - ect_pair(t, step, 800)) for step in range(0, 800, 100)]
+    assert all(bool((a > b).all()) for a, b in zip(gaps, gaps[1:]))  # each stage halves the gap (q = 2)
+    assert bool((ect_pair(t[:1], 0, 800) < 0).all())  # at small t and early: below sigma_min, i.e. the data
+
+    from distill.methods.consistency import ConsistencyLoss
+
+    student = make_student(load_denoiser(teacher_file), guidance_input=False, prediction="v", seed=0, dropout=0.0,
+                           consistency={"sigma_min": 0.002, "sigma_data": 0.5})
+    loss = ConsistencyLoss(student, mode="ct", total_steps=800, scales=None, noise_sampling="ect",
+                           weighting="inverse_gap")
+    t_hi, t_lo, gap, clean = loss.pairs(student.schedule, 4096, torch.Generator().manual_seed(0))
+    # early on most pairs end on the data (the stage-0 gap is wide), late few do
+    assert bool((t_hi > t_lo).all()) and bool((gap > 0).all()) and 0.5 < float(clean.double().mean()) < 1
+    loss.step.fill_(799)
+    t_hi, t_lo, gap_late, clean_late = loss.pairs(student.schedule, 4096, torch.Generator().manual_seed(0))
+    assert float(clean_late.double().mean()) < 0.2 and float(gap_late.median()) < float(gap.median())
+    assert loss.describe()["noise_sampling"] == "ect" and loss.describe()["curriculum"] is None

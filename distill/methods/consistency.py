@@ -40,9 +40,18 @@ MODES = ("cd", "ct")
 SOLVERS = ("ddim", "euler", "heun")  # euler: the Euler step on the VE-equivalent state, i.e. the DDIM step
 METRICS = ("l2", "pseudo_huber")
 WEIGHTINGS = ("uniform", "inverse_gap")
-NOISE_SAMPLINGS = ("uniform", "lognormal")
+NOISE_SAMPLINGS = ("uniform", "lognormal", "ect")
 SIGMA_MIN, RHO = 0.002, 7.0
 P_MEAN, P_STD = -1.1, 2.0  # improved CT's log-normal noise-level distribution (Song & Dhariwal 2023)
+ECT_Q = 2.0  # ECT's mapping shrinks the pair's gap by q at each of its 8 stages (Geng et al. 2024)
+ECT_STAGES = 8
+
+
+def ect_pair(sigma_t: Tensor, step: int, total_steps: int, q: float = ECT_Q) -> Tensor:
+    """ECT's continuous pair (Geng et al. 2024): ``r = t (1 - n(t) / q^(s + 1))`` with ``n(t) = 1 + 8 sigmoid(-t)``
+    on the VE-equivalent noise level ``t``, stage ``s = floor(step / (K / 8))``: the gap shrinks as training goes."""
+    stage = step // max(1, total_steps // ECT_STAGES)
+    return sigma_t * (1.0 - (1.0 + 8.0 * torch.sigmoid(-sigma_t)) / q ** (stage + 1))
 
 
 def sigma_max_ve(schedule: Schedule, sigma_max: float = SIGMA_MAX_VE) -> float:
@@ -122,7 +131,7 @@ class ConsistencyLoss(_TeacherLoss):
                  curriculum: tuple[int, int] = (10, 1280), solver: str = "heun", target_decay: float = 0.0,
                  metric: str = "pseudo_huber", weighting: str = "uniform", noise_sampling: str = "uniform",
                  sigma_max: float = SIGMA_MAX_VE, guidance: float | tuple[float, float] = 0.0,
-                 label_dropout: float = 0.0):
+                 label_dropout: float = 0.0, ect_q: float = ECT_Q):
         super().__init__(teacher, guidance, label_dropout)
         checks = {"mode": (mode, MODES), "solver": (solver, SOLVERS), "metric": (metric, METRICS),
                   "weighting": (weighting, WEIGHTINGS), "noise_sampling": (noise_sampling, NOISE_SAMPLINGS)}
@@ -143,6 +152,7 @@ class ConsistencyLoss(_TeacherLoss):
         self.curriculum = (int(curriculum[0]), int(curriculum[1]))
         self.solver, self.target_decay, self.metric = solver, float(target_decay), metric
         self.weighting, self.noise_sampling, self.sigma_max = weighting, noise_sampling, float(sigma_max)
+        self.ect_q = float(ect_q)
         self.sigma_min = student.consistency["sigma_min"]
         self.target = TargetNetwork(student.net)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))  # optimizer steps done (checkpointed)
@@ -152,9 +162,11 @@ class ConsistencyLoss(_TeacherLoss):
         base = super().describe()
         base.pop("weighting")
         # The run length shapes the curriculum only: a fixed discretization may be trained on for more steps.
-        return {"name": "consistency", "mode": self.mode, "scales": self.scales,
-                "total_steps": None if self.scales else self.total_steps,
-                "curriculum": None if self.scales else list(self.curriculum),
+        ect = self.noise_sampling == "ect"
+        return {"name": "consistency", "mode": self.mode, "scales": None if ect else self.scales,
+                "total_steps": self.total_steps if ect or not self.scales else None,
+                "curriculum": None if self.scales or ect else list(self.curriculum),
+                **({"ect_q": self.ect_q, "ect_stages": ECT_STAGES} if ect else {}),
                 "solver": self.solver if self.mode == "cd" else None, "target_decay": self.target_decay,
                 "metric": self.metric, "weighting": self.weighting, "noise_sampling": self.noise_sampling,
                 "sigma_min": self.sigma_min, "sigma_max": self.sigma_max, **base}
@@ -195,11 +207,26 @@ class ConsistencyLoss(_TeacherLoss):
         corrects = append_dims(s_hi / a_hi <= SIGMA_MAX_VE * (1 + 1e-6), x.ndim)
         return torch.where(corrects, x_heun, x_euler)
 
+    def pairs(self, schedule: Schedule, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(t_hi, t_lo, sigma gap, lower point is clean)`` of ``n`` training pairs (float64, on the CPU): points
+        of the discretization, or ECT's continuous pairs (``t ~ LogNormal(-1.1, 2)``, the lower level by
+        :func:`ect_pair`; below sigma_min the target is the data itself)."""
+        if self.noise_sampling == "ect":
+            top = sigma_max_ve(schedule, self.sigma_max)
+            sig_hi = torch.exp(P_MEAN + P_STD * torch.randn(n, generator=generator, dtype=torch.float64))
+            sig_hi = sig_hi.clamp(self.sigma_min * (1 + 1e-6), top)
+            sig_lo = ect_pair(sig_hi, int(self.step), self.total_steps, self.ect_q)
+            clean = sig_lo < self.sigma_min
+            sig_lo = sig_lo.clamp(min=self.sigma_min)
+            return (schedule.t_of_sigma_ve(sig_hi), schedule.t_of_sigma_ve(sig_lo), sig_hi - sig_lo, clean)
+        times, sigmas, probs = self.grid(schedule, self.num_scales())
+        i = torch.multinomial(probs, n, replacement=True, generator=generator)
+        return times[i + 1], times[i], sigmas[i + 1] - sigmas[i], torch.zeros(n, dtype=torch.bool)
+
     def forward(self, model: Denoiser, x0: Tensor, labels: Tensor | None, generator: torch.Generator) -> Tensor:
         n = x0.shape[0]
-        times, sigmas, probs = self.grid(model.schedule, self.num_scales())
-        i = torch.multinomial(probs, n, replacement=True, generator=generator)
-        t_hi, t_lo = times[i + 1].float().to(x0.device), times[i].float().to(x0.device)
+        t_hi, t_lo, gap, clean = self.pairs(model.schedule, n, generator)
+        t_hi, t_lo = t_hi.float().to(x0.device), t_lo.float().to(x0.device)
         eps = torch.randn(x0.shape, generator=generator).to(x0)
         a_hi, s_hi = (append_dims(v, x0.ndim) for v in clean_alpha_sigma(model.schedule, t_hi))
         x_hi = a_hi * x0 + s_hi * eps
@@ -217,8 +244,9 @@ class ConsistencyLoss(_TeacherLoss):
         self.target.net.train(model.net.training)  # the same dropout (on or off) as the online evaluation
         with torch.no_grad(), same_random_state(seed, x0.device):
             target = model.with_net(self.target.net)(x_lo, t_lo, s_cond)
+            if clean.any():  # ECT: a lower level below sigma_min is the data itself
+                target = torch.where(append_dims(clean.to(x0.device), x0.ndim), x0.to(target.dtype), target)
         distance = consistency_distance(online, target, self.metric)
         if self.weighting == "uniform":
             return distance
-        gap = (sigmas[i + 1] - sigmas[i]).float().to(x0.device)
-        return distance / gap
+        return distance / gap.float().to(x0.device)

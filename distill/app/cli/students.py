@@ -116,8 +116,12 @@ def progressive(teacher, out, precision, bf16, **params):
               help="Distance between online and target outputs (pseudo-Huber: c = 0.00054 sqrt(d)).")
 @click.option("--weighting", type=click.Choice(["uniform", "inverse_gap"]), default=None,
               help="Per-pair weight: 1, or 1 / (sigma_{n+1} - sigma_n) [cd: uniform; ct: inverse_gap].")
-@click.option("--noise-sampling", type=click.Choice(["uniform", "lognormal"]), default=None,
-              help="How the pair's noise level is drawn [cd: uniform; ct: lognormal (-1.1, 2.0)].")
+@click.option("--noise-sampling", type=click.Choice(["uniform", "lognormal", "ect"]), default=None,
+              help="How the pair's noise levels are drawn: uniform or lognormal (-1.1, 2.0) over the "
+                   "discretization, or ect (continuous pairs, ECT's shrinking gap) [cd: uniform; ct: ect from the "
+                   "teacher, lognormal with --from-scratch, --scales or --curriculum].")
+@click.option("--ect-q", type=Finite(min=1, min_open=True), default=2.0, metavar="Q",
+              help="ect: the pair's gap shrinks by Q at each of 8 stages of the run.")
 @click.option("--from-scratch", is_flag=True, help="ct: the teacher's architecture with fresh weights.")
 @click.option("--sigma-data", type=Finite(min=0, min_open=True), default=0.5, metavar="S",
               help="sigma_data of the boundary-condition scalings.")

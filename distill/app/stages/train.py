@@ -232,7 +232,8 @@ class ConsistencyConfig(StudentFields):
     target_decay: float = Field(0.0, ge=0, lt=1)
     metric: Literal["l2", "pseudo_huber"] = "pseudo_huber"
     weighting: Literal["uniform", "inverse_gap"] | None = None
-    noise_sampling: Literal["uniform", "lognormal"] | None = None
+    noise_sampling: Literal["uniform", "lognormal", "ect"] | None = None
+    ect_q: float = Field(2.0, gt=1, allow_inf_nan=False)
     from_scratch: bool = False
     sigma_data: float = Field(0.5, gt=0, allow_inf_nan=False)
     dropout: float = Field(0.0, ge=0, le=0.9)
