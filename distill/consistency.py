@@ -88,6 +88,12 @@ class ConsistencyOptions:
                 raise UsageError(f"{option} {value}: use one of {', '.join(allowed)}")
         if not self.ect_q > 1:
             raise UsageError(f"--ect-q {self.ect_q}: must be > 1")
+        if self.noise_sampling == "ect" and self.mode == "cd":
+            raise UsageError("--noise-sampling ect: ECT is consistency training (its lowest pairs end on the data, "
+                             "which a teacher's ODE does not); use --mode ct, or another --noise-sampling with cd")
+        if self.noise_sampling == "ect" and (self.scales is not None or self.curriculum is not None):
+            raise UsageError("--noise-sampling ect draws continuous pairs; drop --scales/--curriculum (they set "
+                             "improved CT's discretization)")
         if self.scales is not None and self.curriculum is not None:
             raise UsageError("--scales and --curriculum: give one (a fixed discretization or the doubling one)")
         if self.scales is not None and self.scales < 2:

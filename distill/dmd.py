@@ -48,7 +48,10 @@ class DMDOptions:
                   (self.gan_weight >= 0 and self.disc_weight >= 0, "--gan-weight / --disc-weight must be >= 0"),
                   (0 < self.t_min < self.t_max <= 1, "--t-min / --t-max: need 0 < t-min < t-max <= 1"),
                   (0 <= self.label_dropout <= 1, "--label-dropout must be in [0, 1]"),
-                  (0 <= self.ema_decay < 1, "--ema-decay must be in [0, 1)")]
+                  (0 <= self.ema_decay < 1, "--ema-decay must be in [0, 1)"),
+                  (not (self.gan_weight > 0 and self.disc_weight == 0),
+                   "--gan-weight with --disc-weight 0: the discriminator would never train; give it a weight or "
+                   "pass --gan-weight 0")]
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
@@ -108,9 +111,13 @@ def distill_dmd(teacher_spec: str, out: Path, opts: DMDOptions, *, init: str | N
             "timesteps_by_steps": {"1": [t_g, 0.0]},
             "guidance": w if student.guidance_input else 0.0, "distilled_guidance": w,
             "compute": {"train_steps": opts.steps, "batch_size": opts.batch_size,
+                        # the real score (two branches when guided), the head's features of real and generated
+                        # images per fake update, and of the generated images for the generator's GAN term
                         "teacher_forwards_per_step": (2 if w and not teacher.guidance_input else 1)
-                        + (2 * opts.fake_updates + 1 if opts.gan_weight or opts.disc_weight else 0),
-                        "fake_updates_per_step": opts.fake_updates}}
+                        + (2 * opts.fake_updates if loss.head is not None else 0) + (1 if opts.gan_weight else 0),
+                        "fake_updates_per_step": opts.fake_updates,
+                        "fake_score_passes_per_step": {"forward_backward": opts.fake_updates, "forward": 1},
+                        "generator_forwards_per_step": opts.fake_updates + 1}}
     # what a resume must match (more steps, other checkpoint intervals continue the same run)
     record = {k: v for k, v in asdict(opts).items() if k not in ("steps", "ckpt_every")}
     meta = {**model_metadata(student), "method": {**loss.describe(), **record, "teacher_sha256": sha},

@@ -374,6 +374,8 @@ def test_a_guided_teacher_gives_a_student_that_takes_w(tmp_path, teacher_file, d
     (["--sample-steps", "4"], "--sample-steps"),
     (["--guidance-range", "0,1", "--guidance", "1"], "drop --guidance"),
     (["--data", "mnist"], "distill on the teacher's own data"),
+    (["--mode", "cd", "--noise-sampling", "ect"], "ECT is consistency training"),
+    (["--mode", "ct", "--noise-sampling", "ect", "--scales", "8"], "continuous pairs"),
 ])
 def test_bad_options_are_one_line(tmp_path, teacher_file, distill_main, args, needle):
     code, _, err = distill_main("consistency", teacher_file, "--out", tmp_path / "cm", *args)

@@ -74,6 +74,7 @@ def test_the_matching_gradient_vanishes_when_the_fake_score_is_the_real_one(teac
     (["--t-min", "0.9", "--t-max", "0.5"], "need --t-min < --t-max"),
     (["--guidance", "1", "--init", "nonexistent.safetensors"], "nonexistent"),
     (["--fake-updates", "0"], "--fake-updates"),
+    (["--disc-weight", "0"], "the discriminator would never train"),
 ])
 def test_bad_dmd_options_are_one_line(tmp_path, teacher_file, distill_main, args, needle):
     code, _, err = distill_main("dmd", teacher_file, "--out", tmp_path / "d", *args)

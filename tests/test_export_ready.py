@@ -247,7 +247,8 @@ def test_a_new_guidance_students_w_embedding_is_exactly_zero_at_w_0_whatever_its
     for p in base.parameters():  # untrained blocks' zero-initialised outputs would hide the embedding
         torch.nn.init.normal_(p, std=0.2)
     student = with_guidance_embedding(base).eval()
-    assert student.config.guidance_gate
+    assert student.config.guidance_gate and student.config.to_dict()["guidance_gate"]
+    assert "guidance_gate" not in base.config.to_dict()  # a config stored before the gate compares equal
     for p in student.guidance_mlp.parameters():
         torch.nn.init.normal_(p, std=1.0)  # "trained" far from its zero start
     x, t, labels = torch.randn(4, 1, 8, 8), torch.full((4,), 500.0), torch.arange(4) % 3

@@ -217,8 +217,9 @@ class ConsistencyLoss(_TeacherLoss):
             sig_hi = sig_hi.clamp(self.sigma_min * (1 + 1e-6), top)
             sig_lo = ect_pair(sig_hi, int(self.step), self.total_steps, self.ect_q)
             clean = sig_lo < self.sigma_min
+            gap = sig_hi - torch.where(clean, torch.zeros_like(sig_lo), sig_lo)  # ECT: r clamped to 0, gap t
             sig_lo = sig_lo.clamp(min=self.sigma_min)
-            return (schedule.t_of_sigma_ve(sig_hi), schedule.t_of_sigma_ve(sig_lo), sig_hi - sig_lo, clean)
+            return (schedule.t_of_sigma_ve(sig_hi), schedule.t_of_sigma_ve(sig_lo), gap, clean)
         times, sigmas, probs = self.grid(schedule, self.num_scales())
         i = torch.multinomial(probs, n, replacement=True, generator=generator)
         return times[i + 1], times[i], sigmas[i + 1] - sigmas[i], torch.zeros(n, dtype=torch.bool)

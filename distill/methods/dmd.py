@@ -154,9 +154,12 @@ class DMDLoss(_TeacherLoss):
     # -- the pieces --------------------------------------------------------------------------------------
 
     def generate(self, model: Denoiser, z: Tensor, cond: Cond) -> Tensor:
-        """``G(z)``: the student's clean estimate from prior noise at ``t_g``."""
+        """``G(z)``: the student's clean estimate from prior noise at ``t_g`` (a generator taking ``w`` gets the
+        teacher's guidance weight, which its card then samples at)."""
         t = torch.full((z.shape[0],), self.generator_time, device=z.device)
-        return model(prior_scale(model.schedule) * z, t, cond)
+        if model.guidance_input and cond.labels is not None:
+            cond = Cond(cond.labels, self.guidance)
+        return model(prior_scale(model.schedule, self.generator_time) * z, t, cond)
 
     def _times(self, n: int, generator: torch.Generator, device) -> Tensor:
         lo, hi = self.t_range
@@ -207,7 +210,9 @@ class DMDLoss(_TeacherLoss):
         z = torch.randn(x0.shape, generator=generator).to(x0)
         g_x = self.generate(model, z, cond)
         t = self._times(n, generator, x0.device)
-        with torch.no_grad():
+        # the two scores in fp32 (autocast off): their difference is the signal, and bf16 rounding of each would
+        # be as large as it at low noise
+        with torch.no_grad(), torch.autocast(device_type=x0.device.type, enabled=False):
             x_t, _, _ = diffuse(model, g_x.detach().float(), t, generator)
             real = self.teacher(x_t, t, real_cond).float()
             fake = self._fake_denoiser()(x_t, t, cond).float()

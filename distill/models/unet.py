@@ -44,7 +44,10 @@ class UNetConfig:
             raise ValueError("channels must be >= 4 and every channel_mult >= 1")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not d["guidance_gate"]:  # absent from configs stored before the gate: they must compare equal
+            del d["guidance_gate"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
