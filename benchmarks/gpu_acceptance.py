@@ -352,25 +352,6 @@ def sample_eval(ctx: Context) -> dict:
 
 # -- latency ---------------------------------------------------------------------------------------------------
 
-def cuda_time(fn: Callable[[], Any], repeats: int = 50, warmup: int = 10) -> dict:
-    """Median / p10 / p90 milliseconds of ``fn`` timed with CUDA events."""
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    q = np.percentile(times, [50, 10, 90])
-    return {"median_ms": float(q[0]), "p10_ms": float(q[1]), "p90_ms": float(q[2])}
-
-
 def latency(ctx: Context) -> dict:
 
     from distill.checkpoint import load_denoiser
@@ -396,6 +377,7 @@ def latency(ctx: Context) -> dict:
 def _latency_rows(name: str, backend, shape: tuple, num_classes: int, device: str, meta: dict) -> list[dict]:
     import torch
 
+    from benchmarks.bench.speed import time_calls
     from distill.checkpoint import card_sampling
     from distill.denoiser import Cond
     from distill.samplers import generate, nfe
@@ -417,8 +399,9 @@ def _latency_rows(name: str, backend, shape: tuple, num_classes: int, device: st
                             cond=cond, device=device)
 
         with torch.no_grad():
-            one = cuda_time(one_eval)
-            whole = cuda_time(whole_sample, repeats=10, warmup=3)
+            # CUDA-event timing on a GPU (the benchmarks' own timer)
+            one = time_calls(one_eval, repeats=50, warmup=10, device=device)
+            whole = time_calls(whole_sample, repeats=10, warmup=3, device=device)
         rows.append({"path": name, "batch": b, "eval_ms": one["median_ms"], "sample_ms": whole["median_ms"],
                      "evaluations": evals, "sample_over_evals": whole["median_ms"] / (evals * one["median_ms"])})
     return rows

@@ -190,6 +190,9 @@ def graph_rows(model: str, graphs: dict[str, Path]) -> list[dict]:
                     "fp16_weights_in_kept": sum("reads the fp16 weight" in v for v in f16),
                     "fp16_on_time_path": sum("conditioning path" in v for v in f16)})
         if "int8" in name:
+            from export.precision import _float_types
+
+            types = _float_types(graph)
             weight_q = weight_qdq_nodes(graph)
             placement = qdq_placement(graph)
             row.update({"qdq_rule_violations": len(qdq_violations(graph, folder)),
@@ -198,20 +201,10 @@ def graph_rows(model: str, graphs: dict[str, Path]) -> list[dict]:
                         "output_quantizers": sum("not a weighted layer's input" in v for v in placement),
                         "attention_quantized": sum("attention" in v for v in placement),
                         "fp16_compute_nodes": sum(1 for n in graph.graph.node if n.op_type in QUANTIZED_OPS
-                                                  and _fp16_input(graph, n))})
+                                                  and types.get(n.input[0]) == onnx.TensorProto.FLOAT16)})
         rows.append(row)
         print(f"graph {name}: rel_err b64 {row['rel_err_b64']:.3g}, phase {row['phase_err_rad']}", flush=True)
     return rows
-
-
-def _fp16_input(model, node) -> bool:
-    from export.precision import _float_types
-
-    types = _fp16_input.cache if getattr(_fp16_input, "model", None) is model else None
-    if types is None:
-        types = _float_types(model)
-        _fp16_input.cache, _fp16_input.model = types, model
-    return types.get(node.input[0]) == 10
 
 
 def quality_rows(model: str, graphs: dict[str, Path], samples: int, batch: int) -> list[dict]:

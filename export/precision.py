@@ -112,6 +112,41 @@ def _cast_to(node) -> int | None:
     return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
 
 
+def _constant_tensors(g) -> dict:
+    """The tensor values of a graph's Constant nodes, by output name."""
+    return {n.output[0]: n.attribute[0].t for n in g.node
+            if n.op_type == "Constant" and n.attribute and n.attribute[0].type == 4}  # 4: AttributeProto.TENSOR
+
+
+def _producers_consumers(g) -> tuple[dict, dict[str, list]]:
+    """``(tensor -> the node making it, tensor -> the nodes reading it)``."""
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return producer, consumers
+
+
+def _drop_unused(g, op_types: Sequence[str]) -> list:
+    """Remove, in place, the nodes of ``op_types`` nothing reads (repeatedly: a removed node may leave its own
+    inputs unread), then the initializers nothing reads. Returns the removed nodes."""
+    outputs = {o.name for o in g.output}
+    removed = []
+    while True:
+        used = {i for n in g.node for i in n.input} | outputs
+        dead = [n for n in g.node if n.op_type in op_types and n.output[0] not in used]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+        removed += dead
+    used = {i for n in g.node for i in n.input} | outputs
+    for init in [i for i in g.initializer if i.name not in used]:
+        g.initializer.remove(init)
+    return removed
+
+
 def _float_types(model) -> dict[str, int]:
     """Element type of every tensor whose type ONNX's shape inference (or the graph) states."""
     import onnx
@@ -123,11 +158,8 @@ def _float_types(model) -> dict[str, int]:
     out = {v.name: v.type.tensor_type.elem_type
            for v in [*inferred.value_info, *inferred.input, *inferred.output]}
     out.update({i.name: i.data_type for i in model.graph.initializer})
-    for n in model.graph.node:
-        if n.op_type == "Cast":
-            out[n.output[0]] = _cast_to(n)
-        elif n.op_type == "Constant" and n.attribute and n.attribute[0].type == 4:  # a tensor value
-            out[n.output[0]] = n.attribute[0].t.data_type
+    out.update({name: t.data_type for name, t in _constant_tensors(model.graph).items()})
+    out.update({n.output[0]: _cast_to(n) for n in model.graph.node if n.op_type == "Cast"})
     return out
 
 
@@ -139,9 +171,7 @@ def fp32_kept_path(half, original) -> dict[str, int]:
     types = _float_types(half)
     producer = {o: n for n in g.node for o in n.output}
     fp32_init = {i.name: i for i in original.graph.initializer if i.data_type == _F32}
-    fp32_const = {n.output[0]: n.attribute[0].t for n in original.graph.node
-                  if n.op_type == "Constant" and n.attribute and n.attribute[0].type == 4
-                  and n.attribute[0].t.data_type == _F32}
+    fp32_const = {k: t for k, t in _constant_tensors(original.graph).items() if t.data_type == _F32}
     outputs = {o.name for o in g.output}
     rename: dict[str, str] = {}
     restored: dict[str, str] = {}
@@ -181,17 +211,7 @@ def fp32_kept_path(half, original) -> dict[str, int]:
             if name in rename:
                 node.input[k] = resolve(name)
     # drop what no longer has a consumer (the bypassed casts, then the fp16 casts and weights they read)
-    while True:
-        used = {i for n in g.node for i in n.input} | outputs
-        dead = [n for n in g.node if n.op_type in ("Cast", "Constant") and n.output[0] not in used]
-        if not dead:
-            break
-        counts["casts_removed"] += sum(n.op_type == "Cast" for n in dead)
-        for n in dead:
-            g.node.remove(n)
-    used = {i for n in g.node for i in n.input} | outputs
-    for init in [i for i in g.initializer if i.name not in used]:
-        g.initializer.remove(init)
+    counts["casts_removed"] = sum(n.op_type == "Cast" for n in _drop_unused(g, ("Cast", "Constant")))
     return counts
 
 
@@ -228,7 +248,7 @@ def fp16_violations(model, image_input: str, kept: Sequence[str]) -> list[str]:
       only where it leaves that path (every consumer depends on the image)."""
     g = model.graph
     types = _float_types(model)
-    producer = {o: n for n in g.node for o in n.output}
+    producer, consumers = _producers_consumers(g)
     weights16 = {i.name for i in g.initializer if i.data_type == _F16} | \
         {n.output[0] for n in g.node if n.op_type == "Constant" and types.get(n.output[0]) == _F16}
     keep = set(kept)
@@ -236,10 +256,6 @@ def fp16_violations(model, image_input: str, kept: Sequence[str]) -> list[str]:
     for node in g.node:
         if any(i in tainted for i in node.input):
             tainted.update(node.output)
-    consumers: dict[str, list] = {}
-    for node in g.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
     out = []
     graph_outputs = {o.name for o in g.output}
     for node in g.node:
@@ -288,14 +304,9 @@ def qdq_violations(model, base_dir: str | Path | None = None) -> list[str]:
 
     g = model.graph
     inits = {i.name: i for i in g.initializer}
-    consts = {n.output[0]: n.attribute[0].t for n in g.node
-              if n.op_type == "Constant" and n.attribute and n.attribute[0].type == 4}
+    consts = _constant_tensors(g)
     types = _float_types(model)
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, consumers = _producers_consumers(g)
     opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     out: list[str] = []
 
@@ -393,17 +404,7 @@ def quantize_weighted_inputs_only(model) -> int:
             if name in source and not quantized_layer:  # an excluded (float) layer reads the float tensor too
                 n.input[k] = source[name]
                 count += 1
-    outputs = {o.name for o in g.output}
-    while True:
-        used = {i for n in g.node for i in n.input} | outputs
-        dead = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.output[0] not in used]
-        if not dead:
-            break
-        for n in dead:
-            g.node.remove(n)
-    used = {i for n in g.node for i in n.input}
-    for init in [i for i in g.initializer if i.name not in used]:
-        g.initializer.remove(init)
+    _drop_unused(g, ("QuantizeLinear", "DequantizeLinear"))
     return count
 
 
@@ -413,11 +414,7 @@ def qdq_placement(model) -> list[str]:
     none on attention's activation-activation matmuls (a MatMul / Gemm whose second input is not a weight)."""
     g = model.graph
     weight_q = weight_qdq_nodes(model)
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, consumers = _producers_consumers(g)
     weight_dq = {n.output[0] for n in g.node if n.op_type == "DequantizeLinear" and n.name in weight_q}
     out = []
     for n in g.node:

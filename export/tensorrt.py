@@ -33,7 +33,7 @@ from export.artifact import (
 )
 from export.backends import input_shapes
 from export.backends.tensorrt_backend import TENSORRT_ERRORS, cuda_gpu, import_tensorrt, one_line
-from export.precision import qdq_violations  # noqa: F401  (the builder's check; tests import it here)
+from export.precision import qdq_violations
 
 LOG = logging.getLogger("distill")  # progress lines: the CLI prints them, a library caller configures logging
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from resume_check import killed_run_resumes
 from safetensors.torch import load_file
 
 from distill.checkpoint import card_sampling, load_denoiser, read_metadata
@@ -326,29 +327,10 @@ def test_a_killed_consistency_run_resumes_to_the_same_weights(tmp_path, teacher_
     EMA, target network, curriculum position and optimizer state of an uninterrupted run."""
     args = ["--mode", "ct", "--steps", "6", "--batch-size", "8", "--ckpt-every", "2", "--search-samples", "0",
             "--curriculum", "2,8", "--dropout", "0.1"]
-    code, _, err = distill_main("consistency", teacher_file, "--out", tmp_path / "whole", *args)
-    assert code == 0, err
-    calls = {"n": 0}
-    original = ConsistencyLoss.forward
-
-    def dying(self, *a):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return original(self, *a)
-
-    monkeypatch.setattr(ConsistencyLoss, "forward", dying)
-    code, _, err = distill_main("consistency", teacher_file, "--out", tmp_path / "cut", *args)
-    assert code == 130 and read_metadata(tmp_path / "cut" / "train_state.safetensors")["step"] == 2
-    monkeypatch.setattr(ConsistencyLoss, "forward", original)
-    code, stdout, err = distill_main("consistency", teacher_file, "--out", tmp_path / "cut", *args)
-    assert code == 0 and "resuming" in stdout, err
-    a = load_file(tmp_path / "whole" / "train_state.safetensors")
-    b = load_file(tmp_path / "cut" / "train_state.safetensors")
-    assert a.keys() == b.keys() and "loss.step" in a and int(a["loss.step"]) == 6
+    a = killed_run_resumes(distill_main, monkeypatch, tmp_path, ["consistency", teacher_file, *args],
+                           ConsistencyLoss, kill_at=4, saved_step=2)
+    assert "loss.step" in a and int(a["loss.step"]) == 6
     assert any(k.startswith("loss.target.") for k in a)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def test_a_guided_teacher_gives_a_student_that_takes_w(tmp_path, teacher_file, distill_main):

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from resume_check import killed_run_resumes
 
-from distill.checkpoint import load_denoiser, read_metadata
+from distill.checkpoint import load_denoiser
 from distill.methods.dmd import DMDLoss
 
 ARGS = ["--steps", "4", "--batch-size", "4", "--ckpt-every", "2", "--fake-updates", "2", "--ema-decay", "0.9"]
@@ -17,30 +17,10 @@ ARGS = ["--steps", "4", "--batch-size", "4", "--ckpt-every", "2", "--fake-update
 def test_a_killed_dmd_run_resumes_to_the_same_weights(tmp_path, teacher_file, distill_main, monkeypatch):
     """Killed inside generator step 3 (last checkpoint at step 2), the same command continues and ends with the
     generator, its EMA, the fake score, the head and both optimizers of an uninterrupted run."""
-    code, _, err = distill_main("dmd", teacher_file, "--out", tmp_path / "whole", *ARGS)
-    assert code == 0, err
-    calls = {"n": 0}
-    original = DMDLoss.forward
-
-    def dying(self, *a):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(self, *a)
-
-    monkeypatch.setattr(DMDLoss, "forward", dying)
-    code, _, err = distill_main("dmd", teacher_file, "--out", tmp_path / "cut", *ARGS)
-    assert code == 130 and read_metadata(tmp_path / "cut" / "train_state.safetensors")["step"] == 2
-    monkeypatch.setattr(DMDLoss, "forward", original)
-    code, stdout, err = distill_main("dmd", teacher_file, "--out", tmp_path / "cut", *ARGS)
-    assert code == 0 and "resuming" in stdout, err
-    a = load_file(tmp_path / "whole" / "train_state.safetensors")
-    b = load_file(tmp_path / "cut" / "train_state.safetensors")
-    assert a.keys() == b.keys()
+    a = killed_run_resumes(distill_main, monkeypatch, tmp_path, ["dmd", teacher_file, *ARGS], DMDLoss,
+                           kill_at=3, saved_step=2)
     assert any(k.startswith("loss.fake.") for k in a) and any(k.startswith("loss.head.") for k in a)
     assert any(k.startswith("loss.opt.") for k in a) and not any(k.startswith("loss.teacher.") for k in a)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
     # the card: a one-step student of the teacher; the log has every part of the loss
     den = load_denoiser(tmp_path / "whole")
     card = den.metadata["card"]
