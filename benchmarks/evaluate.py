@@ -58,11 +58,12 @@ def evaluate(source: str, *, data_spec: str | None = None, ref: str = "A", metri
     from distill.samplers import nfe
 
     check_device(device)
+    from distill.chain import is_chain
     from distill.diffusers_teacher import diffusers_parts
     from export.artifact import is_artifact
 
     if not is_image_source(source) and Path(source).is_dir() and not (Path(source) / "model.safetensors").exists() \
-            and not is_artifact(source) and diffusers_parts(Path(source)) is None:
+            and not is_artifact(source) and not is_chain(source) and diffusers_parts(Path(source)) is None:
         raise UsageError(f"SOURCE {source}: a folder without model.safetensors, an export manifest or a diffusers "
                          f"model; for a folder of images write folder:{source}")
     data_spec = data_spec or default_data(source)

@@ -311,6 +311,13 @@ def card_sampling(meta: dict[str, Any], sampler: str | None = None, steps: int |
     return sampler, steps, spacing, None
 
 
+def one_step_time(meta: dict[str, Any]) -> float:
+    """Where a model reads its noise for a one-step sample: the top of its card's one-step grid (a consistency
+    student's searched level, a DMD generator's), else ``t = 1``."""
+    times = card_sampling(meta, None, 1)[3]
+    return float(times[0]) if times else 1.0
+
+
 def load_denoiser(path: Path | str, device: str = "cpu"):
     """Load a model file, a run directory holding ``model.safetensors``, or a shipped model by name (``mnist``)."""
     path = resolve_model_path(path)

@@ -25,7 +25,8 @@ class DMDOptions:
     steps: int = 1000  # generator updates
     batch_size: int = 32
     lr: float = 1e-5  # the generator's (DMD2: 2e-6 at batch 280 for a 296M ADM)
-    fake_lr: float | None = None  # the fake score's and the head's [the generator's]
+    fake_lr: float | None = None  # the fake score's [the generator's]
+    head_lr: float | None = None  # the discriminator head's [the fake score's]
     fake_updates: int = 4  # fake-score / head updates per generator update (DMD2: 4)
     gan_weight: float = 3e-3  # the generator's GAN term (0: distribution matching only)
     disc_weight: float = 1e-2  # the head's GAN loss in its update
@@ -44,6 +45,7 @@ class DMDOptions:
         checks = [(self.steps >= 1, "--steps must be >= 1"), (self.batch_size >= 1, "--batch-size must be >= 1"),
                   (self.lr > 0, "--lr must be > 0"),
                   (self.fake_lr is None or self.fake_lr > 0, "--fake-lr must be > 0"),
+                  (self.head_lr is None or self.head_lr > 0, "--head-lr must be > 0"),
                   (self.fake_updates >= 1, "--fake-updates must be >= 1"),
                   (self.gan_weight >= 0 and self.disc_weight >= 0, "--gan-weight / --disc-weight must be >= 0"),
                   (0 < self.t_min < self.t_max <= 1, "--t-min / --t-max: need 0 < t-min < t-max <= 1"),
@@ -59,13 +61,11 @@ class DMDOptions:
 
 def generator_time(init) -> tuple[str, float]:
     """``(sampler, t_g)``: how the initial student samples in one step: a consistency student from the top of its
-    1-step grid, anything else by one DDIM step from t = 1."""
+    1-step grid, anything else by one DDIM step from the top of its card's one-step grid (t = 1 for most)."""
+    from distill.checkpoint import one_step_time
+
     card = init.metadata.get("card") or {}
-    if card.get("sampler") == "consistency":
-        times = (card.get("timesteps_by_steps") or {}).get("1")
-        if times:
-            return "consistency", float(times[0])
-    return "ddim", 1.0
+    return ("consistency" if card.get("sampler") == "consistency" else "ddim"), one_step_time(init.metadata)
 
 
 def distill_dmd(teacher_spec: str, out: Path, opts: DMDOptions, *, init: str | None = None,
@@ -99,9 +99,9 @@ def distill_dmd(teacher_spec: str, out: Path, opts: DMDOptions, *, init: str | N
     data_spec, data = teacher_data(teacher, teacher_spec, data_spec)
     sampler, t_g = generator_time(student)
     loss = DMDLoss(teacher, image_shape=tuple(data.images.shape[1:]), generator_time=t_g, guidance=w,
-                   fake_updates=opts.fake_updates, fake_lr=opts.fake_lr or opts.lr, gan_weight=opts.gan_weight,
-                   disc_weight=opts.disc_weight, t_range=(opts.t_min, opts.t_max), label_dropout=opts.label_dropout,
-                   seed=opts.seed)
+                   fake_updates=opts.fake_updates, fake_lr=opts.fake_lr or opts.lr, head_lr=opts.head_lr,
+                   gan_weight=opts.gan_weight, disc_weight=opts.disc_weight, t_range=(opts.t_min, opts.t_max),
+                   label_dropout=opts.label_dropout, seed=opts.seed)
     sha = file_sha256(teacher_path)
     student.net.train()
     card = {"method": "dmd2", "teacher": str(teacher_spec), "parent": str(init_spec),

@@ -339,10 +339,15 @@ def sample_consistency(denoise, x: Tensor, ts: Tensor, *, schedule: Schedule | N
     """Multistep consistency sampling (Song et al. 2023, Algorithm 1): at each grid time the model maps the state
     straight to clean data, then the forward process noises that estimate afresh to the next grid time,
     ``x_s = alpha_s x0 + sigma_s z``. One evaluation per interval; with ``ts = [t_max, 0]`` it is the one-step
-    sample ``f(x_T, t_max)``. Meant for consistency models; on any other model it is a crude ancestral sampler."""
+    sample ``f(x_T, t_max)``. Meant for consistency models; on any other model it is a crude ancestral sampler.
+    A chain of students (:class:`~distill.chain.Chain`, any ``denoise`` with ``step_denoisers``: one denoiser per
+    interval) runs its ``i``-th member at ``ts[i]``."""
     schedule = _schedule(denoise, schedule)
+    per_step = getattr(denoise, "step_denoisers", None)
+    if per_step is not None and len(per_step) != len(ts) - 1:
+        raise ValueError(f"a chain of {len(per_step)} steps cannot walk a {len(ts) - 1}-step grid")
     for i in _loop(ts, progress, "consistency"):
-        x0 = denoise(x, _t(ts, i, x), cond)
+        x0 = (per_step[i] if per_step is not None else denoise)(x, _t(ts, i, x), cond)
         a_s, s_s = alpha_sigma_at(schedule, ts[i + 1])
         x = renoise(x0, 1.0, 0.0, a_s, s_s, _noise_like(x, generator)) if s_s > 0 else x0
         if callback is not None:

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from distill.checkpoint import file_sha256 as sha256  # noqa: F401  (the artifact modules' name for it)
 from distill.errors import UsageError
+from distill.rundir import staged_dir  # noqa: F401  (where the export modules take it from)
 
 EXPORT_FORMAT = "distill.export/1"
 MANIFEST = "manifest.json"
@@ -72,28 +70,6 @@ def read_manifest(path: Path | str) -> dict[str, Any]:
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-
-
-@contextmanager
-def staged_dir(out: Path):
-    """Yield a temporary folder beside ``out``; on success it replaces ``out`` (an older artifact there is kept
-    until the new one is complete), on failure it is removed and ``out`` is untouched."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield stage
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        stage.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        stage.rename(out)
 
 
 def check_export_out(out: Path, option: str = "--out", marker: str = MANIFEST, what: str = "an export") -> None:

@@ -82,7 +82,9 @@ class ExportOptions:
 
 def graph_signature(den: Denoiser, guided: bool | None, source: str) -> tuple[bool, bool]:
     """``(labels, guided)``: which inputs the graph takes besides the state and time."""
-    labels = bool(den.net.config.num_classes)
+    labels = bool(den.num_classes)
+    if guided and getattr(den, "kind", "denoiser") == "sampler" and not den.guidance_input:
+        raise UsageError(f"--guided: not every student of the chain {source} takes w; drop --guided")
     if guided is None:
         guided = labels and (den.guidance_input or card_guidance(den.metadata) != 0)
     if guided and not labels:
@@ -290,11 +292,17 @@ def export_onnx(model: str, out: Path, opts: ExportOptions, *, command: str = ""
 
     opts.validate()
     check_export_out(out)
-    path = resolve_model_path(model)
-    den = load_denoiser(model).float()
+    from distill.chain import CHAIN_FILE, is_chain, load_chain
+
+    if is_chain(model):  # a chain of students: one graph holding every member
+        if not opts.fused:
+            raise UsageError(f"{model} is a chain of students, which has no per-step graph; add --fused to export "
+                             "it as one graph")
+        path, den = Path(model) / CHAIN_FILE, load_chain(model).float()
+    else:
+        path, den = resolve_model_path(model), load_denoiser(model).float()
     labels, guided = graph_signature(den, opts.guided, model)
-    c = den.net.config
-    shape = (c.in_channels, c.image_size, c.image_size)
+    shape = tuple(den.image_shape)
     manifest: dict = {"format": EXPORT_FORMAT, "graph": GRAPH_FILES["onnx"], "precision": opts.precision,
                       "source": {"model": str(model), "path": str(path), "sha256": sha256(path)},
                       "metadata": den.metadata, "image_shape": list(shape), "labels": labels, "guided": guided,

@@ -90,6 +90,17 @@ def load_backend(source: str | Path, backend: str | None = None, *, precision: s
 
     if backend is not None and backend not in BACKENDS:
         raise UsageError(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    from distill.chain import is_chain
+
+    if is_chain(source):  # a chain of students: sampled in torch, one member per step
+        if backend not in (None, "eager"):
+            raise UsageError(f"--backend {backend}: {source} is a chain of students, sampled eagerly; for another "
+                             "runtime export it as one graph (distill export onnx CHAIN --fused --out DIR)")
+        if precision not in ("fp32", "bf16"):
+            raise UsageError(f"--precision {precision}: a chain samples in fp32 or bf16; export it for others")
+        from distill.chain import load_chain
+
+        return load_chain(source, device, precision)
     if is_artifact(source):
         manifest = read_manifest(source)
         kind = "tensorrt" if manifest["graph"].endswith(".engine") else "onnxruntime"
@@ -132,9 +143,12 @@ def load_backend(source: str | Path, backend: str | None = None, *, precision: s
 
 def source_metadata(source: str | Path) -> dict[str, Any]:
     """A model's or an export's metadata (card, network config, schedule, data) without loading weights."""
+    from distill.chain import is_chain, read_chain
     from distill.checkpoint import read_metadata, resolve_model_path
     from export.artifact import is_artifact, read_manifest
 
+    if is_chain(source):
+        return read_chain(source)["metadata"]
     if is_artifact(source):
         return read_manifest(source)["metadata"]
     return read_metadata(resolve_model_path(source))

@@ -17,7 +17,7 @@ from distill.app.cli.common import OneLineGroup, setup_logging
 from distill.app.cli.export import export_
 from distill.app.cli.generate import card, eval_, inspect_, sample
 from distill.app.cli.run import run
-from distill.app.cli.students import consistency, dmd, progressive
+from distill.app.cli.students import chain, consistency, dmd, progressive
 from distill.app.cli.teacher import teacher
 from distill.errors import DistillError
 
@@ -35,7 +35,7 @@ def cli():
     """
 
 
-for command in (run, teacher, progressive, consistency, dmd, export_, sample, eval_, inspect_, card, bench):
+for command in (run, teacher, progressive, consistency, dmd, chain, export_, sample, eval_, inspect_, card, bench):
     cli.add_command(command)
 
 

@@ -178,7 +178,9 @@ def consistency(teacher, out, precision, bf16, **params):
 @click.option("--batch-size", type=click.IntRange(1, 65536), default=32, metavar="B")
 @click.option("--lr", type=Finite(min=0, min_open=True), default=1e-5, help="The generator's learning rate.")
 @click.option("--fake-lr", type=Finite(min=0, min_open=True), default=None,
-              help="The fake score's and the discriminator head's learning rate [--lr].")
+              help="The fake score's learning rate [--lr].")
+@click.option("--head-lr", type=Finite(min=0, min_open=True), default=None,
+              help="The discriminator head's learning rate [--fake-lr].")
 @click.option("--fake-updates", type=click.IntRange(1, 100), default=4, metavar="K",
               help="Fake-score / discriminator updates per generator update (two time-scale rule).")
 @click.option("--gan-weight", type=Finite(0), default=3e-3, help="The GAN term in the generator's loss (0: none).")
@@ -222,3 +224,40 @@ def dmd(teacher, out, precision, bf16, **params):
     cfg = build(DMDConfig, teacher=teacher, precision=training_precision(precision, bf16), **params)
     result = run_dmd(cfg, out, command=command_line())
     click.echo(f"student: {result.outputs['model']}")
+
+
+@click.command("chain")
+@click.argument("models", nargs=-1, required=True, metavar="MODEL...")
+@click.option("--out", type=NonEmptyPath(file_okay=False, path_type=Path), required=True, metavar="DIR",
+              help="Chain folder (chain.json with the card and the search table, members/ with the model files).")
+@click.option("--times", default=None, metavar="LIST",
+              help="The re-noise level t of each model after the first, e.g. 0.5 [searched].")
+@click.option("--levels", default=None, metavar="LIST", help="Candidate re-noise levels the search tries "
+              "[0.2,0.3,...,0.9].")
+@click.option("--search-seeds", type=click.IntRange(50, 100_000), default=400, metavar="N",
+              help="Samples per candidate level (FD against the real half B; half A stays for distill eval).")
+@click.option("--data", default=None, metavar="SPEC", help="Real images the search scores against [the first "
+              "model's data].")
+@threads_option()
+def chain(models, out, **params):
+    """Hybrid few-step sampling: one step of each MODEL in turn (one network evaluation each), the clean estimate
+    re-noised between steps to a given (--times) or searched level.
+
+    The first model reads at the top of its own one-step grid; each later one at the level, below the previous,
+    whose chain scores the lowest FD. A model may appear more than once. The folder samples and evaluates like a
+    model and exports as one graph.
+
+    \b
+    Example:
+      distill chain mnist-1step mnist-ct --out runs/chain-2step
+      distill eval runs/chain-2step --seeds 0-2499
+      distill export onnx runs/chain-2step --fused --out exports/chain-2step
+    """
+    from distill.app.stages.chain import ChainConfig, run_chain
+    from distill.preflight import check_output_dir
+
+    check_output_dir(out, "--out")
+    params = {k: v for k, v in params.items() if v is not None}
+    cfg = build(ChainConfig, models=list(models), **params)
+    result = run_chain(cfg, out, command=command_line())
+    click.echo(f"chain: {result.outputs['chain']} ({result.record['summary']})")

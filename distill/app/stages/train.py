@@ -285,6 +285,7 @@ class DMDConfig(TrainFields):
     batch_size: int = Field(32, ge=1, le=65536)
     lr: float = Field(1e-5, gt=0, allow_inf_nan=False)
     fake_lr: float | None = Field(None, gt=0, allow_inf_nan=False)
+    head_lr: float | None = Field(None, gt=0, allow_inf_nan=False)
     fake_updates: int = Field(4, ge=1, le=100)
     gan_weight: float = Field(3e-3, ge=0, allow_inf_nan=False)
     disc_weight: float = Field(1e-2, ge=0, allow_inf_nan=False)
