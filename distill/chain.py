@@ -85,6 +85,8 @@ class Chain(nn.Module):
         if any(not 0 <= i < len(members) for i, _ in self.plan):
             raise ValueError(f"a step names a member outside 0-{len(members) - 1}")
         check_times([t for _, t in self.plan])
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"a chain samples in fp32 or bf16 (autocast), not {precision}")
         self.metadata, self.device, self.precision = metadata, device, precision
 
     def forward(self, *args, **kwargs):
@@ -137,8 +139,7 @@ class Chain(nn.Module):
         if cond.guided and not self.guidance_input:
             raise UsageError("--guidance: this chain holds students distilled at a fixed guidance weight (not "
                              "every member takes w); drop --guidance")
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        with torch.autocast(torch.device(self.device).type, dtype or torch.bfloat16, enabled=dtype is not None):
+        with torch.autocast(torch.device(self.device).type, torch.bfloat16, enabled=self.precision == "bf16"):
             return generate(self, self.image_shape, list(seeds), sampler="consistency", steps=len(self.plan),
                             timesteps=self.times, cond=cond, device=self.device)
 

@@ -8,20 +8,11 @@ from typing import ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
-from distill.app.stages.base import StageConfig, StageResult
+from distill.app.stages.base import StageConfig, StageResult, as_list
 from distill.errors import ConfigError, UsageError
 
 log = logging.getLogger("distill")
 LEVELS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # the re-noise levels tried by default (t)
-
-
-def _floats(value):
-    if isinstance(value, str):
-        try:
-            return [float(v) for v in value.split(",") if v.strip()]
-        except ValueError:
-            raise ValueError(f"{value!r}: give comma-separated numbers, e.g. 0.3,0.5") from None
-    return value
 
 
 class ChainConfig(StageConfig):
@@ -37,7 +28,7 @@ class ChainConfig(StageConfig):
     search_seeds: int = Field(400, ge=50, le=100_000)  # samples per candidate level
     data: str | None = None  # the real images the search scores against [the first model's data]
 
-    _times = field_validator("times", "levels", mode="before")(lambda cls, v: _floats(v))
+    _lists = field_validator("times", "levels", mode="before")(lambda cls, v: as_list(v))
 
     @model_validator(mode="after")
     def _check(self):
@@ -96,7 +87,7 @@ def search_levels(cfg: ChainConfig, members, names: list[str], index: list[int],
 
 def run_chain(cfg: ChainConfig, out: Path, *, command: str = "") -> StageResult:
     """Write the chain folder ``out`` (members copied, ``chain.json`` with the card and the search table)."""
-    from distill.chain import Chain, chain_card, write_chain
+    from distill.chain import chain_card, check_members, check_times, write_chain
     from distill.checkpoint import load_denoiser, one_step_time, resolve_model_path
 
     paths = [resolve_model_path(m).resolve() for m in cfg.models]
@@ -104,9 +95,9 @@ def run_chain(cfg: ChainConfig, out: Path, *, command: str = "") -> StageResult:
     index = [unique.index(p) for p in paths]
     members = [load_denoiser(p) for p in unique]
     sources = [cfg.models[paths.index(p)] for p in unique]
-    Chain(members, [(i, 1.0 - 0.01 * k) for k, i in enumerate(index)], {}, sources)  # members compatible
+    check_members(members, sources)
     plan, rows = search_levels(cfg, members, sources, index, one_step_time(members[index[0]].metadata))
-    Chain(members, plan, {}, sources)  # the levels decrease and lie in (0, 1] (--times), before anything is written
+    check_times([t for _, t in plan])  # given --times too, before anything is written
     card = chain_card(sources, members, plan, rows)
     file = write_chain(Path(out), sources, plan, card, command=command or cfg.command(out))
     times = ", ".join(f"{t:g}" for _, t in plan)
