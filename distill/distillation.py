@@ -24,6 +24,7 @@ from typing import Any
 
 from distill.checkpoint import file_sha256  # noqa: F401  (re-exported: the students' cards record it)
 from distill.errors import UsageError
+from distill.methods.progressive import TEACHER_MAPS
 
 LOG = logging.getLogger("distill")  # progress lines: the CLI prints them, a library caller configures logging
 
@@ -36,6 +37,7 @@ class ProgressiveOptions:
     """Settings of a progressive (and optionally guidance) distillation run."""
 
     start_steps: int = 64  # the teacher's DDIM step count where it has converged: round 1 halves it
+    first_map: str = "ddim"  # round 1's teacher map: two DDIM steps, or its DPM-Solver++(2M) on start_steps
     target_steps: int = 1
     round_steps: tuple[int, ...] = (1000,)  # optimizer steps per round, in round order; the last value repeats
     guidance_range: tuple[float, float] | None = None  # (lo, hi): guidance distillation first, w drawn per example
@@ -57,6 +59,8 @@ class ProgressiveOptions:
         if self.target_steps < 1 or rounds < 1 or rounds != int(rounds):
             raise UsageError(f"--start-steps {self.start_steps} must be --target-steps {self.target_steps} times a "
                              "power of 2 (at least 2), e.g. --start-steps 64 --target-steps 1")
+        if self.first_map not in TEACHER_MAPS:
+            raise UsageError(f"--first-map {self.first_map}: use one of {', '.join(TEACHER_MAPS)}")
         if not self.round_steps or any(s < 1 for s in self.round_steps):
             raise UsageError("--round-steps: give one step count >= 1, or one per round (e.g. 200,400,800)")
         check_guidance_options(self.guidance_range, self.guidance, example="0,4")
@@ -80,6 +84,8 @@ class ProgressiveOptions:
         d = asdict(self)
         d.pop("target_steps")
         d.pop("ckpt_every")
+        if self.first_map == "ddim":
+            d.pop("first_map")  # as recorded by runs made before there was a choice
         if self.guidance_range is None:
             d.pop("guidance_lr_scale")  # no guidance stage
         return json.loads(json.dumps(d))
@@ -103,11 +109,12 @@ class Stage:
     name: str  # "guidance" or "steps-N"
     student_steps: int | None  # None: the guidance stage
     train_steps: int
+    first_round: bool = False  # the first progressive round (its teacher map is ProgressiveOptions.first_map)
 
 
 def plan_stages(opts: ProgressiveOptions, guidance_stage: bool) -> list[Stage]:
     stages = [Stage(GUIDANCE_STAGE, None, opts.guidance_steps)] if guidance_stage else []
-    return stages + [Stage(f"steps-{n}", n, opts.steps_of_round(k)) for k, n in enumerate(opts.rounds())]
+    return stages + [Stage(f"steps-{n}", n, opts.steps_of_round(k), k == 0) for k, n in enumerate(opts.rounds())]
 
 
 def make_student(parent, *, guidance_input: bool, prediction: str, seed: int = 0, dropout: float = 0.0,
@@ -165,6 +172,8 @@ def student_card(*, stage: Stage, index: int, total: int, parent: str, parent_sh
         "compute": {"train_steps": stage.train_steps, "batch_size": opts.batch_size,
                     "teacher_forwards_per_step": teacher_forwards},
     }
+    if stage.first_round and opts.first_map != "ddim":
+        card["teacher_map"] = f"{opts.first_map} on the {opts.start_steps}-step uniform grid"
     if baked is not None:
         card["distilled_guidance"] = baked
     return card
@@ -321,7 +330,8 @@ def distill_progressive(teacher_spec: str, out: Path, opts: ProgressiveOptions, 
                 first = parent_path == teacher_path
                 w = grange if grange is not None else (fixed if first else 0.0)
                 loss: Loss = (GuidanceLoss(parent, grange, opts.label_dropout) if stage.student_steps is None else
-                              ProgressiveLoss(parent, stage.student_steps, w, opts.label_dropout))
+                              ProgressiveLoss(parent, stage.student_steps, w, opts.label_dropout,
+                                              teacher_map=opts.first_map if stage.first_round else "ddim"))
                 branches = 2 if (not parent.guidance_input and (grange is not None or w)) else 1
                 per_step = (1 if stage.student_steps is None else 2) * branches
                 sha = file_sha256(parent_path)

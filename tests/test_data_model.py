@@ -98,6 +98,38 @@ def test_unet_shapes_and_class_conditioning():
     assert torch.allclose(net(x, t, None), net(x, t, torch.full((3,), 10)))
 
 
+def test_unet_ends_stay_fp32_under_bf16_autocast():
+    """Under autocast the conditioning embeddings, the first convolution and the output head run in fp32: the
+    output is fp32, and for the shipped consistency student on real digits the difference of two evaluations at
+    an ECT pair of small noise levels (the consistency signal) is far closer to fp32's than with the whole network
+    in bf16 (benchmarks/numerics.py measures it per level)."""
+    from distill.checkpoint import load_denoiser
+    from distill.denoiser import Cond
+    from distill.methods.consistency import ect_pair
+    from distill.samplers import clean_alpha_sigma
+
+    den = load_denoiser("mnist-cd")
+    data = load_dataset("mnist")
+    x0, cond = data.images[:8].float(), Cond(data.labels[:8])
+    s_hi = torch.full((8,), 0.02, dtype=torch.float64)
+    ts = [den.schedule.t_of_sigma_ve(s).float() for s in (s_hi, ect_pair(s_hi, 7, 8))]  # the last stage's gap
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))  # the pair shares its noise
+    xs = [a.reshape(-1, 1, 1, 1) * x0 + s.reshape(-1, 1, 1, 1) * eps
+          for a, s in (clean_alpha_sigma(den.schedule, t) for t in ts)]
+
+    def diff(ends: bool, autocast: bool):
+        den.net.fp32_ends = ends
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return den.net(xs[0], ts[0] * 1000, cond.labels).dtype, den(xs[0], ts[0], cond) - den(xs[1], ts[1], cond)
+
+    ref = diff(True, False)[1]
+    dtype, with_ends = diff(True, True)
+    err_ends, err_whole = ((d - ref).norm() / ref.norm() for d in (with_ends, diff(False, True)[1]))
+    assert dtype == torch.float32
+    assert err_ends < 0.5 * err_whole, (err_ends, err_whole)
+    assert torch.equal(diff(False, False)[1], ref)  # without autocast the switch changes nothing
+
+
 def test_unet_rejects_sizes_it_cannot_halve():
     with pytest.raises(ValueError, match="cannot be halved"):
         UNetConfig(image_size=7, channel_mult=(1, 2)).validate()

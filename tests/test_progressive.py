@@ -18,7 +18,7 @@ from distill.errors import UsageError
 from distill.hardware import native_bf16
 from distill.methods.progressive import GuidanceLoss, ProgressiveLoss, ddim_x_target, truncated_snr_weight
 from distill.models.unet import UNet, UNetConfig
-from distill.samplers import clean_alpha_sigma, ddim_step, sample_ddim
+from distill.samplers import clean_alpha_sigma, ddim_step, sample_ddim, sample_dpmpp_2m
 from distill.schedules import CosineSchedule
 
 # the recipes say precision: auto, bf16 only where the CPU runs it natively
@@ -75,6 +75,33 @@ def test_progressive_targets_match_two_ddim_steps_of_the_teacher_sampler(student
         a_s, s_s = clean_alpha_sigma(teacher.schedule, torch.tensor([float(ts[2])]))
         one = ddim_step(z_t[k:k + 1], target[k:k + 1], a_t[k:k + 1], s_t[k:k + 1], a_s, s_s)
         torch.testing.assert_close(one, two, atol=5e-5, rtol=1e-4)
+
+
+def test_dpmpp_map_targets_lie_on_the_teachers_dpmpp_trajectory():
+    """With ``teacher_map="dpmpp_2m"``, a batch of N pairs is one trajectory of the teacher's DPM-Solver++(2M) on
+    the grid of 2N from prior noise: every pair's state is that trajectory's state at its time, its target's
+    DDIM step lands on the trajectory's state one student interval later (the final sample at s = 0), and the
+    student gets the trajectory's label."""
+    n = 4
+    teacher, student = _tiny_denoiser(0), _tiny_denoiser(1)
+    loss = ProgressiveLoss(teacher, n, teacher_map="dpmpp_2m")
+    assert loss.describe()["teacher_map"] == "dpmpp_2m" and "teacher_map" not in ProgressiveLoss(teacher, n).describe()
+    x0, labels = _batch(n)
+    z_t, t, cond, target, a_t, s_t = loss.targets(student, x0, labels, torch.Generator().manual_seed(3))
+    assert sorted(round(float(v) * n) for v in t) == [1, 2, 3, 4]  # one pair per interval of the trajectory
+    assert torch.equal(cond.labels, labels[:1].expand(n))
+    start = z_t[int(torch.argmax(t))][None]
+    states = [start]
+    sample_dpmpp_2m(teacher, start, torch.linspace(1.0, 0.0, 2 * n + 1, dtype=torch.float64),
+                    cond=Cond(labels[:1]), callback=lambda step: states.append(step["x"]))
+    for k in range(n):
+        i = round(float(t[k]) * n)
+        torch.testing.assert_close(z_t[k:k + 1], states[2 * (n - i)], atol=1e-5, rtol=1e-5)
+        a_s, s_s = clean_alpha_sigma(teacher.schedule, torch.tensor([(i - 1) / n]))
+        landed = ddim_step(z_t[k:k + 1], target[k:k + 1], a_t[k:k + 1], s_t[k:k + 1], a_s, s_s)
+        torch.testing.assert_close(landed, states[2 * (n - i) + 2], atol=5e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="teacher map"):
+        ProgressiveLoss(teacher, n, teacher_map="heun")
 
 
 def test_a_student_that_already_matches_has_zero_loss_and_the_weighting_is_truncated_snr():
@@ -237,6 +264,7 @@ def test_a_killed_distillation_resumes_to_the_same_weights(tmp_path, teacher_fil
 @pytest.mark.parametrize("change, needle", [
     (["--lr", "3e-4"], "holds a distillation with lr"),
     (["--round-steps", "5"], "holds a distillation with round_steps"),
+    (["--first-map", "dpmpp_2m"], "holds a distillation with first_map"),
 ])
 def test_a_run_directory_is_continued_only_with_the_same_settings(tmp_path, teacher_file, distill_main, change,
                                                                    needle):
@@ -249,6 +277,18 @@ def test_a_run_directory_is_continued_only_with_the_same_settings(tmp_path, teac
     code, stdout, err = distill_main("progressive", teacher_file, "--out", out, *args[:2], "--target-steps", "1",
                                      *args[4:])
     assert code == 0 and (out / "steps-1" / "model.safetensors").exists(), err
+
+
+def test_the_dpmpp_first_map_runs_from_the_command_and_is_on_the_first_rounds_card(tmp_path, teacher_file,
+                                                                                   distill_main):
+    out = tmp_path / "pd"
+    code, _, err = distill_main("progressive", teacher_file, "--out", out, "--start-steps", "4", "--target-steps",
+                                "1", "--round-steps", "2", "--batch-size", "8", "--first-map", "dpmpp_2m")
+    assert code == 0, err
+    first, second = (read_metadata(out / s / "model.safetensors") for s in ("steps-2", "steps-1"))
+    assert first["card"]["teacher_map"] == "dpmpp_2m on the 4-step uniform grid"
+    assert first["method"]["teacher_map"] == "dpmpp_2m"
+    assert "teacher_map" not in second["card"] and "teacher_map" not in second["method"]  # later rounds: DDIM
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -55,6 +55,10 @@ def student_options(command):
               help="Run directory: one sub-folder per stage (guidance/, steps-32/, ... steps-1/).")
 @click.option("--start-steps", type=click.IntRange(2, 1 << 20), default=64, metavar="N",
               help="The teacher's DDIM step count where it has converged; round 1 distills it into N/2 steps.")
+@click.option("--first-map", type=click.Choice(["ddim", "dpmpp_2m"]), default="ddim", show_default=True,
+              help="What round 1 copies: two of the teacher's DDIM steps, or its DPM-Solver++(2M) sampler on "
+                   "the --start-steps grid (trajectories from prior noise; a better map than the converged ODE, "
+                   "e.g. --start-steps 16).")
 @click.option("--target-steps", type=click.IntRange(1, 1 << 19), default=1, metavar="N",
               help="Halve until the student samples in N steps.")
 @click.option("--round-steps", default="1000", metavar="LIST",

@@ -179,6 +179,7 @@ class ProgressiveConfig(StudentFields):
     cli: ClassVar[str] = "progressive"
 
     start_steps: int = Field(64, ge=2, le=1 << 20)
+    first_map: Literal["ddim", "dpmpp_2m"] = "ddim"
     target_steps: int = Field(1, ge=1, le=1 << 19)
     round_steps: list[int] = Field(default_factory=lambda: [1000], min_length=1, max_length=64)
     guidance_steps: int = Field(1000, ge=1)
@@ -196,7 +197,8 @@ class ProgressiveConfig(StudentFields):
         from distill.distillation import ProgressiveOptions
 
         return ProgressiveOptions(
-            start_steps=self.start_steps, target_steps=self.target_steps, round_steps=tuple(self.round_steps),
+            start_steps=self.start_steps, first_map=self.first_map, target_steps=self.target_steps,
+            round_steps=tuple(self.round_steps),
             guidance_range=self.guidance_range, guidance_steps=self.guidance_steps,
             guidance_lr_scale=self.guidance_lr_scale, guidance=self.guidance, prediction=self.prediction,
             label_dropout=self.label_dropout, lr=self.lr, batch_size=self.batch_size, warmup=self.warmup,
