@@ -62,7 +62,7 @@ def test_bad_dmd_options_are_one_line(tmp_path, teacher_file, distill_main, args
     assert not (tmp_path / "d" / "train_state.safetensors").exists()
 
 
-def test_a_recipe_dmd_stage_starts_from_an_earlier_stage(tmp_path, teacher_file):
+def test_a_recipe_dmd_stage_starts_from_an_earlier_stage(tmp_path, teacher_file, distill_main):
     from distill.app.recipe import load_recipe
 
     recipe = tmp_path / "r.yaml"
@@ -84,3 +84,8 @@ stages:
     entry = next(e for e in r.stages if e.name == "dmd")
     assert entry.config.init.endswith("pd/steps-1/model.safetensors") and "pd" in entry.needs
     assert entry.config.command(tmp_path / "runs/dmd").startswith(f"distill dmd {teacher_file} --out")
+    # run: the generator is trained from the progressive student and gets a model card like every student
+    code, _, err = distill_main("run", recipe, "--out", tmp_path / "runs", "--no-progress")
+    assert code == 0, err
+    card = (tmp_path / "runs" / "dmd" / "MODEL_CARD.md").read_text()
+    assert "dmd2" in card and "pd/steps-1" in card

@@ -137,7 +137,7 @@ def write_cards(recipe, out: Path, manifest: dict[str, Any], table) -> list[Path
         s = stages.get(entry.name)
         if not s:
             continue
-        if entry.kind in ("teacher", "progressive", "consistency"):
+        if entry.kind in ("teacher", "progressive", "consistency", "dmd"):
             path = Path(out) / s["outputs"]["model"]["path"]
             card = read_metadata(path).get("card") or {}
             text = model_card(title=f"{recipe.name}/{entry.name}", path=path, card=card, record=s["record"],
