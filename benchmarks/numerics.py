@@ -18,8 +18,8 @@ Ways: ``fp32``; ``bf16-whole`` (autocast around both evaluations with the whole 
 bf16 was); ``bf16-whole-target-fp32`` (that for the online evaluation, the no-grad target in fp32); ``bf16``
 (autocast as the trainer runs it now: the UNet's conditioning embeddings, first convolution and output head in
 fp32, ``UNet.fp32_ends``). The DMD trainer computes its two scores in fp32 in any case; its rows show what bf16
-would cost there. A CPU without native bf16 (no avx512_bf16/amx_bf16)
-runs the bf16 rows 15-30x slower but gives the same numbers.
+would cost there. A CPU without native bf16 (no avx512_bf16/amx_bf16) runs the bf16 rows 15-30x slower but
+gives the same numbers.
 
 Writes ``<out>.json``, ``<out>.csv`` and ``<out>.md``.
 """
@@ -156,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     df = pd.DataFrame(rows)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(a.out.with_suffix(".csv"), index=False)
-    write_json(a.out.with_suffix(".json"), {"student": a.student, "teacher": a.teacher, "fake": a.fake,
-                                            "batch": a.batch, "machine": machine_info(), "rows": rows})
     m = machine_info()
+    write_json(a.out.with_suffix(".json"), {"student": a.student, "teacher": a.teacher, "fake": a.fake,
+                                            "batch": a.batch, "machine": m, "rows": rows})
     lines = [f"# bf16 against fp32 in the consistency and DMD signals ({a.student}; DMD: {a.teacher} vs {a.fake})",
              "", f"Batch {a.batch} of training images; {m['cpu']} ({', '.join(m['cpu_flags'])}; native bf16: "
              f"{m['native_bf16']}), {m['threads']} threads.", ""]

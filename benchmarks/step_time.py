@@ -62,14 +62,16 @@ def make_loss(method: str, teacher, student, image_shape):
 
 
 def student_of(method: str, teacher):
-    if method == "teacher":
+    """The trained network: a copy of the teacher, with the consistency boundary condition for cd and ct (as
+    ``distill consistency`` makes it)."""
+    if method not in ("cd", "ct"):
         return copy.deepcopy(teacher)
-    if method in ("cd", "ct"):
-        from distill.distillation import make_student
+    from distill.consistency import ConsistencyOptions
+    from distill.distillation import make_student
+    from distill.methods.consistency import SIGMA_MIN
 
-        return make_student(teacher, guidance_input=False, prediction=teacher.prediction,
-                            consistency={"sigma_min": 0.002, "sigma_data": 0.5})
-    return copy.deepcopy(teacher)
+    return make_student(teacher, guidance_input=False, prediction=teacher.prediction,
+                        consistency={"sigma_min": SIGMA_MIN, "sigma_data": ConsistencyOptions.sigma_data})
 
 
 def time_method(method: str, teacher, data, *, bf16: bool, channels_last: bool, compiled: bool, steps: int) -> dict:
