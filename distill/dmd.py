@@ -23,6 +23,7 @@ class DMDOptions:
     """Settings of a DMD2 run (defaults: DMD2's recipe scaled to the small models here; see the README)."""
 
     steps: int = 1000  # generator updates
+    gen_steps: int = 1  # the generator's sampling steps (1: one-step DMD2; 2-4: its multistep variant)
     batch_size: int = 32
     lr: float = 1e-5  # the generator's (DMD2: 2e-6 at batch 280 for a 296M ADM)
     fake_lr: float | None = None  # the fake score's [the generator's]
@@ -42,7 +43,7 @@ class DMDOptions:
     ckpt_every: int = 100
 
     def validate(self) -> None:
-        checks = [(self.steps >= 1, "--steps must be >= 1"), (self.batch_size >= 1, "--batch-size must be >= 1"),
+        checks = [(self.steps >= 1, "--steps must be >= 1"), (1 <= self.gen_steps <= 8, "--gen-steps must be in 1-8"), (self.batch_size >= 1, "--batch-size must be >= 1"),
                   (self.lr > 0, "--lr must be > 0"),
                   (self.fake_lr is None or self.fake_lr > 0, "--fake-lr must be > 0"),
                   (self.head_lr is None or self.head_lr > 0, "--head-lr must be > 0"),
@@ -66,6 +67,15 @@ def generator_time(init) -> tuple[str, float]:
 
     card = init.metadata.get("card") or {}
     return ("consistency" if card.get("sampler") == "consistency" else "ddim"), one_step_time(init.metadata)
+
+
+def sampling_card(sampler: str, times: list[float]) -> dict:
+    """The card's sampling fields for a generator on grid ``times``: a one-step generator samples as its initial
+    student did (one DDIM or consistency step from ``t_g``); a K-step one with the consistency sampler (map to
+    clean data, re-noise to the next grid time), and in one step from ``t_g`` as well (it is trained there too)."""
+    grid = [*times, 0.0]
+    return {"sampler": sampler if len(times) == 1 else "consistency", "steps": len(times), "spacing": "own",
+            "timesteps": grid, "timesteps_by_steps": {"1": [times[0], 0.0], str(len(times)): grid}}
 
 
 def distill_dmd(teacher_spec: str, out: Path, opts: DMDOptions, *, init: str | None = None,
@@ -98,7 +108,8 @@ def distill_dmd(teacher_spec: str, out: Path, opts: DMDOptions, *, init: str | N
         raise UsageError(f"--guidance {w}: {teacher_spec} has no null class for classifier-free guidance")
     data_spec, data = teacher_data(teacher, teacher_spec, data_spec)
     sampler, t_g = generator_time(student)
-    loss = DMDLoss(teacher, image_shape=tuple(data.images.shape[1:]), generator_time=t_g, guidance=w,
+    loss = DMDLoss(teacher, image_shape=tuple(data.images.shape[1:]), generator_time=t_g,
+                   generator_steps=opts.gen_steps, guidance=w,
                    fake_updates=opts.fake_updates, fake_lr=opts.fake_lr or opts.lr, head_lr=opts.head_lr,
                    gan_weight=opts.gan_weight, disc_weight=opts.disc_weight, t_range=(opts.t_min, opts.t_max),
                    label_dropout=opts.label_dropout, seed=opts.seed)
@@ -107,8 +118,7 @@ def distill_dmd(teacher_spec: str, out: Path, opts: DMDOptions, *, init: str | N
     card = {"method": "dmd2", "teacher": str(teacher_spec), "parent": str(init_spec),
             "parent_sha256": file_sha256(init_path), "teacher_sha256": sha, "initialised_from": str(init_spec),
             "parameterization": student.prediction, "schedule": student.schedule.config(),
-            "sampler": sampler, "steps": 1, "spacing": "own", "timesteps": [t_g, 0.0],
-            "timesteps_by_steps": {"1": [t_g, 0.0]},
+            **sampling_card(sampler, loss.generator_times),
             "guidance": w if student.guidance_input else 0.0, "distilled_guidance": w,
             "compute": {"train_steps": opts.steps, "batch_size": opts.batch_size,
                         # the real score (two branches when guided), the head's features of real and generated
@@ -117,9 +127,12 @@ def distill_dmd(teacher_spec: str, out: Path, opts: DMDOptions, *, init: str | N
                         + (2 * opts.fake_updates if loss.head is not None else 0) + (1 if opts.gan_weight else 0),
                         "fake_updates_per_step": opts.fake_updates,
                         "fake_score_passes_per_step": {"forward_backward": opts.fake_updates, "forward": 1},
-                        "generator_forwards_per_step": opts.fake_updates + 1}}
+                        # at most: a multistep generator's backward simulation adds up to K - 1 per sample draw
+                        "generator_forwards_per_step": (opts.fake_updates + 1) * opts.gen_steps}}
     # what a resume must match (more steps, other checkpoint intervals continue the same run)
-    record = {k: v for k, v in asdict(opts).items() if k not in ("steps", "ckpt_every")}
+    # (gen_steps 1 is left out, as runs made before it existed lack it)
+    record = {k: v for k, v in asdict(opts).items()
+              if k not in ("steps", "ckpt_every") and not (k == "gen_steps" and v == 1)}
     meta = {**model_metadata(student), "method": {**loss.describe(), **record, "teacher_sha256": sha},
             "card": card, "command": command}
     cfg = TrainConfig(steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr, warmup=opts.warmup,

@@ -1,7 +1,12 @@
 """Distribution matching distillation (Yin et al. 2024, DMD2) as one loss object over the generic trainer.
 
 The student is a one-step generator ``G(z) = student(s z, t_g)`` (``s`` the schedule's prior scale, ``t_g`` the top
-of its one-step grid): a progressive or consistency student, or the teacher itself, as the starting point. Per
+of its one-step grid): a progressive or consistency student, or the teacher itself, as the starting point. A
+multistep generator (DMD2's K-step variant, ``generator_steps = K``) samples on the grid ``t_k = t_g (K - k) / K``:
+at each grid time it maps the state to clean data, which the forward process re-noises to the next grid time (the
+consistency sampler). It is trained at every grid time: per sample a step ``k`` is drawn and its input made by
+backward simulation (the current generator run from prior noise through steps ``0 .. k-1``, without gradient),
+so the inputs it trains on are the ones it meets when sampling. Per
 optimizer step of the generator (the trainer's step), the loss first makes ``fake_updates`` updates of its own
 networks on fresh generator samples (the two time-scale update rule), then returns the generator's loss:
 
@@ -34,7 +39,7 @@ from distill.errors import TrainingDiverged, UsageError
 from distill.losses import DiffusionLoss, diffuse
 from distill.methods.progressive import _TeacherLoss
 from distill.parameterization import append_dims
-from distill.samplers import prior_scale
+from distill.samplers import alpha_sigma_at, prior_scale, renoise
 
 OPT_PREFIX = "opt."
 
@@ -49,6 +54,12 @@ def bottleneck_module(net: nn.Module) -> nn.Module | None:
         if last == "mid" and isinstance(module, nn.ModuleList) and len(module):
             return module[-1]
     return None
+
+
+def generator_grid(t_top: float, steps: int) -> list[float]:
+    """A K-step generator's grid times ``t_k = t_top (K - k) / K``, ``k = 0 .. K-1`` (DMD2's four steps at
+    t = 999, 749, 499, 249 of 1000, scaled to the generator's top); the sample is the last step's estimate."""
+    return [t_top * (steps - k) / steps for k in range(steps)]
 
 
 class DiscriminatorHead(nn.Module):
@@ -70,6 +81,7 @@ class DMDLoss(_TeacherLoss):
     Args:
         teacher: the frozen teacher (the real score), a :class:`Denoiser`.
         generator_time: ``t_g``, where the generator reads its noise (the top of its one-step grid).
+        generator_steps: ``K``, the generator's steps (1: one-step DMD2; more: the multistep variant).
         guidance: the teacher's classifier-free guidance weight ``w`` for the real score.
         fake_updates: fake-score / head updates per generator update.
         fake_lr: the fake score's learning rate.
@@ -84,7 +96,7 @@ class DMDLoss(_TeacherLoss):
     frozen = ("teacher",)
 
     def __init__(self, teacher: Denoiser, *, image_shape: tuple[int, ...], generator_time: float = 1.0,
-                 guidance: float = 0.0,
+                 generator_steps: int = 1, guidance: float = 0.0,
                  fake_updates: int = 4, fake_lr: float = 1e-5, head_lr: float | None = None,
                  gan_weight: float = 3e-3,
                  disc_weight: float = 1e-2,
@@ -94,6 +106,9 @@ class DMDLoss(_TeacherLoss):
             raise ValueError(f"fake_updates must be >= 1, got {fake_updates}")
         if not 0.0 < t_range[0] < t_range[1] <= 1.0:
             raise ValueError(f"t_range must satisfy 0 < t_min < t_max <= 1, got {t_range}")
+        if generator_steps < 1:
+            raise ValueError(f"generator_steps must be >= 1, got {generator_steps}")
+        self.generator_times = generator_grid(float(generator_time), int(generator_steps))
         self.generator_time, self.fake_updates, self.fake_lr = float(generator_time), int(fake_updates), fake_lr
         self.head_lr = float(head_lr if head_lr is not None else fake_lr)
         self.gan_weight, self.disc_weight, self.t_range = float(gan_weight), float(disc_weight), tuple(t_range)
@@ -133,7 +148,8 @@ class DMDLoss(_TeacherLoss):
         return Cond(torch.full((n,), label, dtype=torch.int64, device=device))
 
     def describe(self) -> dict[str, Any]:
-        return {"name": "dmd2", "generator_time": self.generator_time, "guidance": self.guidance,
+        steps = {"generator_steps": len(self.generator_times)} if len(self.generator_times) > 1 else {}
+        return {"name": "dmd2", "generator_time": self.generator_time, **steps, "guidance": self.guidance,
                 "fake_updates": self.fake_updates, "fake_lr": self.fake_lr, "head_lr": self.head_lr,
                 "gan_weight": self.gan_weight, "disc_weight": self.disc_weight, "t_range": list(self.t_range),
                 "fake_label_dropout": self.fake_label_dropout}
@@ -157,13 +173,32 @@ class DMDLoss(_TeacherLoss):
 
     # -- the pieces --------------------------------------------------------------------------------------
 
-    def generate(self, model: Denoiser, z: Tensor, cond: Cond) -> Tensor:
-        """``G(z)``: the student's clean estimate from prior noise at ``t_g`` (a generator taking ``w`` gets the
-        teacher's guidance weight, which its card then samples at)."""
-        t = torch.full((z.shape[0],), self.generator_time, device=z.device)
+    def _g(self, model: Denoiser, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        """The generator's clean estimate at state ``x``, times ``t`` (a generator taking ``w`` gets the teacher's
+        guidance weight, which its card then samples at)."""
         if model.guidance_input and cond.labels is not None:
             cond = Cond(cond.labels, self.guidance)
-        return model(prior_scale(model.schedule, self.generator_time) * z, t, cond)
+        return model(x, t, cond)
+
+    def generate(self, model: Denoiser, z: Tensor, cond: Cond, generator: torch.Generator | None = None) -> Tensor:
+        """``G(z)``: the generator's clean estimate from prior noise ``z`` at ``t_g``; a multistep generator's at a
+        random step of its grid per sample, its input made by backward simulation (module docstring; gradient only
+        through the last evaluation)."""
+        n, times = z.shape[0], self.generator_times
+        x = prior_scale(model.schedule, times[0]) * z
+        if len(times) == 1:
+            return self._g(model, x, torch.full((n,), times[0], device=z.device), cond)
+        k = torch.randint(len(times), (n,), generator=generator)
+        x_in = x.clone()
+        with torch.no_grad():
+            for j in range(1, int(k.max()) + 1):
+                x0 = self._g(model, x, torch.full((n,), times[j - 1], device=z.device), cond).float()
+                a, s = alpha_sigma_at(model.schedule, times[j])
+                x = renoise(x0, 1.0, 0.0, a, s, torch.randn(x.shape, generator=generator).to(x))
+                pick = (k == j).to(z.device)
+                x_in[pick] = x[pick].to(x_in.dtype)
+        t = torch.tensor(times, dtype=torch.float32)[k].to(z.device)
+        return self._g(model, x_in, t, cond)
 
     def _times(self, n: int, generator: torch.Generator, device) -> Tensor:
         lo, hi = self.t_range
@@ -182,7 +217,7 @@ class DMDLoss(_TeacherLoss):
         """One update of the fake score (diffusion loss on detached generator samples) and the head."""
         z = torch.randn(x0_real.shape, generator=generator).to(x0_real)
         with torch.no_grad():
-            fake = self.generate(model, z, cond).float()
+            fake = self.generate(model, z, cond, generator).float()
         loss = self.fake_loss(self._fake_denoiser(), fake, labels, generator).mean()
         out = {"fake_loss": float(loss.detach())}
         if self.head is not None:  # real and generated images through the teacher as one batch
@@ -212,7 +247,7 @@ class DMDLoss(_TeacherLoss):
                 stats = self._fake_step(model, x0, labels, cond, generator)
         self.fake.eval()  # the distribution-matching target: no dropout
         z = torch.randn(x0.shape, generator=generator).to(x0)
-        g_x = self.generate(model, z, cond)
+        g_x = self.generate(model, z, cond, generator)
         t = self._times(n, generator, x0.device)
         # the two scores in fp32 (autocast off): their difference is the signal, and bf16 rounding of each would
         # be as large as it at low noise

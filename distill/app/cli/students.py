@@ -179,6 +179,9 @@ def consistency(teacher, out, precision, bf16, **params):
                    "on the teacher's schedule) [default: the teacher].")
 @click.option("--data", default=None, metavar="SPEC", help="Real images [default: the teacher's data].")
 @click.option("--steps", type=click.IntRange(1, 10**9), default=1000, metavar="N", help="Generator updates.")
+@click.option("--gen-steps", type=click.IntRange(1, 8), default=1, metavar="K",
+              help="The generator's sampling steps: 1 (one-step DMD2) or 2-4 (multistep: trained at each of K "
+                   "grid times on inputs from its own earlier steps, sampled with re-noising).")
 @click.option("--batch-size", type=click.IntRange(1, 65536), default=32, metavar="B")
 @click.option("--lr", type=Finite(min=0, min_open=True), default=1e-5, help="The generator's learning rate.")
 @click.option("--fake-lr", type=Finite(min=0, min_open=True), default=None,
@@ -211,8 +214,9 @@ def dmd(teacher, out, precision, bf16, **params):
     The generator starts from --init (a one-step progressive or consistency student, or the teacher). Each step
     first updates a fake score (a copy of the teacher trained with the diffusion loss on the generator's samples)
     and a small discriminator head on the teacher's bottleneck features, --fake-updates times; then the generator
-    follows the difference of the fake and the real (teacher's) score on its noised samples, plus a GAN term. Run
-    the same command again to continue an interrupted run.
+    follows the difference of the fake and the real (teacher's) score on its noised samples, plus a GAN term.
+    --gen-steps K trains a K-step generator instead (sampled with re-noising; trained at each step on inputs
+    from its own earlier steps). Run the same command again to continue an interrupted run.
 
     \b
     Example:

@@ -284,6 +284,7 @@ class DMDConfig(TrainFields):
     init: str | None = None  # the generator's starting point [the teacher]
     data: str | None = None  # [default: the teacher's training data]
     steps: int = Field(1000, ge=1)
+    gen_steps: int = Field(1, ge=1, le=8)  # the generator's sampling steps (2-4: multistep DMD2)
     batch_size: int = Field(32, ge=1, le=65536)
     lr: float = Field(1e-5, gt=0, allow_inf_nan=False)
     fake_lr: float | None = Field(None, gt=0, allow_inf_nan=False)
