@@ -44,7 +44,8 @@ class DMDOptions:
 
     def validate(self) -> None:
         checks = [(self.steps >= 1, "--steps must be >= 1"),
-                  (1 <= self.gen_steps <= 8, "--gen-steps must be in 1-8"), (self.batch_size >= 1, "--batch-size must be >= 1"),
+                  (1 <= self.gen_steps <= 8, "--gen-steps must be in 1-8"),
+                  (self.batch_size >= 1, "--batch-size must be >= 1"),
                   (self.lr > 0, "--lr must be > 0"),
                   (self.fake_lr is None or self.fake_lr > 0, "--fake-lr must be > 0"),
                   (self.head_lr is None or self.head_lr > 0, "--head-lr must be > 0"),
