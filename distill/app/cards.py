@@ -16,6 +16,9 @@ METHODS = {
     "guidance": "guidance distillation (Meng et al. 2023): the guided output with w as an input",
     "consistency_distillation": "consistency distillation (Song et al. 2023): teacher ODE steps give the targets",
     "consistency_training": "consistency training (Song & Dhariwal 2023): no teacher evaluations",
+    "dmd2": "distribution matching distillation (Yin et al. 2024, DMD2): the generator's samples matched to the "
+            "teacher's distribution by the difference of a fake and the real score",
+    "chain": "a chain of students: each maps its state to clean data, re-noised to the next member's level",
 }
 LIMITS = [
     "Measured on the machine named above at the sample count given; small-sample FD is biased upward, so compare "
