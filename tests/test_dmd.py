@@ -89,7 +89,10 @@ stages:
     code, _, err = distill_main("run", recipe, "--out", tmp_path / "runs", "--no-progress")
     assert code == 0, err
     card = (tmp_path / "runs" / "dmd" / "MODEL_CARD.md").read_text()
-    assert "dmd2" in card and "pd/steps-1" in card
+    assert "distribution matching distillation" in card and "pd/steps-1" in card
+    # its limits are its method's: not bounded by the teacher's ODE (a progressive student's card says it is)
+    assert "nearest-neighbour" in card and "probability-flow ODE" not in card
+    assert "probability-flow ODE" in (tmp_path / "runs" / "pd" / "steps-1" / "MODEL_CARD.md").read_text()
 
 
 def test_a_multistep_generator_trains_on_its_own_earlier_steps(teacher_file):

@@ -20,13 +20,28 @@ METHODS = {
             "teacher's distribution by the difference of a fake and the real score",
     "chain": "a chain of students: each maps its state to clean data, re-noised to the next member's level",
 }
-LIMITS = [
-    "Measured on the machine named above at the sample count given; small-sample FD is biased upward, so compare "
-    "only rows of the same count and machine.",
-    "A distilled student copies its teacher's probability-flow ODE: its quality is bounded by the teacher's "
-    "converged deterministic sampler, not by the teacher's best stochastic one.",
-    "A guidance-distilled student extrapolates outside its card's guidance range (sampling there warns).",
-]
+SAMPLE_COUNT_LIMIT = ("Measured on the machine named above at the sample count given; small-sample FD is biased "
+                      "upward, so compare only rows of the same count and machine.")
+ODE_METHODS = {"progressive", "guidance", "consistency_distillation"}  # students that copy the teacher's ODE
+ODE_LIMIT = ("A distilled student copies its teacher's probability-flow ODE: its quality is bounded by the teacher's "
+             "converged deterministic sampler, not by the teacher's best stochastic one.")
+DMD_LIMIT = ("Distribution matching is not bounded by the teacher's ODE, but its generator is checked only by FD and "
+             "class accuracy here: compare its nearest-neighbour distances to the training set with the teacher's "
+             "(`python -m benchmarks.dmd`) before trusting a score below the teacher's.")
+GUIDANCE_LIMIT = "A guidance-distilled student extrapolates outside its card's guidance range (sampling there warns)."
+
+
+def limits(card: dict[str, Any]) -> list[str]:
+    """The card's limitations: the sample-count caveat, and those of its method and guidance."""
+    method = card.get("method")
+    out = [SAMPLE_COUNT_LIMIT]
+    if method in ODE_METHODS:
+        out.append(ODE_LIMIT)
+    elif method == "dmd2":
+        out.append(DMD_LIMIT)
+    if card.get("guidance_range"):
+        out.append(GUIDANCE_LIMIT)
+    return out
 
 
 def _fmt(v: Any) -> str:
@@ -101,7 +116,7 @@ def model_card(*, title: str, path: Path, card: dict[str, Any], record: dict[str
     lines += ["", "## Intended use", "",
               "Sampling images like its training data, fast, from the `distill` toolkit or its export (ONNX Runtime, "
               "TensorRT); a baseline for step-count and precision trade-offs.", "", "## Limitations", ""]
-    lines += [f"- {t}" for t in LIMITS]
+    lines += [f"- {t}" for t in limits(card)]
     if notes:
         lines += ["", notes.strip()]
     return "\n".join(lines) + "\n"
