@@ -76,3 +76,36 @@ def test_chain_mistakes_are_one_line(tmp_path, teacher_file, distill_main):
         code, _, err = distill_main("chain", teacher_file, teacher_file, *args, "--out", tmp_path / "c")
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, (args, err)
         assert not (tmp_path / "c").exists()
+
+
+def test_a_recipe_chain_stage_chains_earlier_stages(tmp_path, teacher_file, distill_main):
+    """kind: chain names earlier stages (or models); its folder is a model for the stages after it (an export, the
+    benchmark), it gets a card, and a second run finds it complete."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+name: chain-test
+teacher: {teacher_file}
+stages:
+  - {{name: pd, kind: progressive, start_steps: 2, target_steps: 1, round_steps: 2}}
+  - {{name: hybrid, kind: chain, models: [pd, teacher], times: [0.4]}}
+exports:
+  - {{name: hybrid-onnx, model: hybrid, fused: true}}
+""")
+    runs = tmp_path / "runs"
+    code, _, err = distill_main("run", recipe, "--out", runs, "--no-progress")
+    assert code == 0, err
+    card = json.loads((runs / "hybrid" / "chain.json").read_text())["metadata"]["card"]
+    assert [s["t"] for s in card["chain"]] == [1.0, 0.4]
+    assert card["chain"][0]["model"].endswith("steps-1/model.safetensors")
+    assert "a chain of students" in (runs / "hybrid" / "MODEL_CARD.md").read_text()
+    assert (runs / "hybrid-onnx" / "model.onnx").is_file()
+    assert json.loads((runs / "hybrid" / "stage.json").read_text())["record"]["steps"] == 2
+    code, stdout, err = distill_main("run", recipe, "--out", runs, "--no-progress")
+    assert code == 0 and "0 ran, 3 cached" in stdout and "hybrid (chain): done earlier, cached" in err, err
+
+
+def test_a_recipe_chain_without_models_is_one_line(tmp_path, teacher_file, distill_main):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"teacher: {teacher_file}\nstages:\n  - {{name: c, kind: chain, times: [0.4]}}\n")
+    code, _, err = distill_main("run", recipe, "--out", tmp_path / "runs", "--dry-run")
+    assert code == 2 and "stages[0].models" in err and len(err.strip().splitlines()) == 1, err

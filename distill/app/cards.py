@@ -162,10 +162,19 @@ def write_cards(recipe, out: Path, manifest: dict[str, Any], table) -> list[Path
                               commands=s["commands"], machine=machine, rows=_rows(table, recipe.models[entry.name]),
                               seconds=s.get("seconds"))
             dest = path.parent / CARD_FILE
+        elif entry.kind == "chain":
+            from distill.chain import CHAIN_FILE
+
+            folder = Path(out) / s["outputs"]["model"]["path"]
+            card = _source_card(str(folder))
+            text = model_card(title=f"{recipe.name}/{entry.name}", path=folder / CHAIN_FILE, card=card,
+                              record=s["record"], commands=s["commands"], machine=machine,
+                              rows=_rows(table, recipe.models[entry.name]), seconds=s.get("seconds"))
+            dest = folder / CARD_FILE
         elif entry.kind == "export":
             folder = Path(out) / s["outputs"]["export"]["path"]
             source = entry.config.model
-            card = read_metadata(_model_file(source)).get("card") or {}
+            card = _source_card(source)
             backend = "onnxruntime-fused" if entry.config.fused else "onnxruntime"
             rows = [r for r in _rows(table, source, backend, entry.config.precision)
                     if r["backend"] == backend]
@@ -180,7 +189,10 @@ def write_cards(recipe, out: Path, manifest: dict[str, Any], table) -> list[Path
     return written
 
 
-def _model_file(spec: str) -> Path:
-    from distill.checkpoint import resolve_model_path
+def _source_card(spec: str) -> dict[str, Any]:
+    """The card of a model an export was made from: a model file's metadata, or a chain folder's ``chain.json``."""
+    from distill.chain import is_chain, read_chain
+    from distill.checkpoint import read_metadata, resolve_model_path
 
-    return resolve_model_path(spec)
+    meta = read_chain(spec)["metadata"] if is_chain(spec) else read_metadata(resolve_model_path(spec))
+    return meta.get("card") or {}

@@ -15,6 +15,8 @@ def planned_model(entry, folder: Path) -> Path:
 
     if entry.kind == "progressive":
         return folder / f"steps-{entry.config.target_steps}" / MODEL_FILE
+    if entry.kind == "chain":  # the chain folder is what sample, eval, export and bench take
+        return folder
     return folder / MODEL_FILE
 
 
@@ -28,6 +30,7 @@ def commands(entry, folder: Path) -> list[str]:
 def run_entry(entry, folder: Path, *, progress: bool = True) -> StageResult:
     """Run one recipe entry into ``folder`` (each stage resumes where a killed run of it stopped)."""
     from distill.app.stages.bench import run_bench
+    from distill.app.stages.chain import run_chain
     from distill.app.stages.export import run_diffusers_export, run_export, run_tensorrt
     from distill.app.stages.train import run_consistency, run_dmd, run_progressive, run_teacher
 
@@ -40,6 +43,8 @@ def run_entry(entry, folder: Path, *, progress: bool = True) -> StageResult:
         return run_consistency(cfg, folder, command=cmd, progress=progress)
     if entry.kind == "dmd":
         return run_dmd(cfg, folder, command=cmd, progress=progress)
+    if entry.kind == "chain":
+        return run_chain(cfg, folder, command=cmd)
     if entry.kind == "export":
         return run_export(cfg, folder, command=cmd)
     if entry.kind == "tensorrt":

@@ -31,12 +31,13 @@ from pydantic import TypeAdapter, ValidationError
 from distill.app.gates import GATE_KINDS, Gate
 from distill.app.stages.base import StageConfig, as_list, describe_error, field_path
 from distill.app.stages.bench import BenchConfig, ModelEntry
+from distill.app.stages.chain import ChainConfig
 from distill.app.stages.export import DiffusersExportConfig, ExportConfig, TensorRTConfig
 from distill.app.stages.train import ConsistencyConfig, DMDConfig, ProgressiveConfig, TeacherConfig
 from distill.errors import ConfigError, UsageError
 
 STAGE_KINDS: dict[str, type[StageConfig]] = {"progressive": ProgressiveConfig, "consistency": ConsistencyConfig,
-                                             "dmd": DMDConfig}
+                                             "dmd": DMDConfig, "chain": ChainConfig}
 EXPORT_KINDS: dict[str, type[StageConfig]] = {"export": ExportConfig, "tensorrt": TensorRTConfig,
                                               "diffusers": DiffusersExportConfig}
 TOP_KEYS = ("name", "description", "precision", "threads", "seed", "teacher", "stages", "exports", "benchmark",
@@ -254,9 +255,18 @@ def load_recipe(path: Path | str, overrides: tuple[str, ...] = (), out: Path | N
         _check_keys(source, e, ["name", "kind", *_fields(cls)], where)
         n = entry_name(i, e, "stages")
         values = {k: v for k, v in e.items() if k not in ("name", "kind")}
-        model, parent = _ref(source, f"{where}.teacher", values.get("teacher", TEACHER), known, "a teacher")
-        values["teacher"] = model
-        parents = [parent] if parent else []
+        parents: list[str] = []
+        if kind == "chain":  # no teacher: its models, each an earlier stage or a model as given
+            models = values.get("models")
+            if not isinstance(models, list) or not models:
+                raise _fail(source, f"{where}.models", "give the chain's models in sampling order, e.g. [dmd, cd]")
+            refs = [_ref(source, f"{where}.models[{j}]", m, known, "a model") for j, m in enumerate(models)]
+            values["models"] = [m for m, _ in refs]
+            parents += list(dict.fromkeys(n for _, n in refs if n))
+        else:
+            model, parent = _ref(source, f"{where}.teacher", values.get("teacher", TEACHER), known, "a teacher")
+            values["teacher"] = model
+            parents += [parent] if parent else []
         if values.get("init") is not None:  # dmd: the generator's starting point, an earlier stage or a model
             values["init"], init_parent = _ref(source, f"{where}.init", values["init"], known, "a model")
             parents += [init_parent] if init_parent and init_parent not in parents else []

@@ -58,18 +58,20 @@ def _inputs(entry: Entry) -> list[str]:
     cfg = entry.config
     if entry.kind == "benchmark":
         return [m.model for m in cfg.models] + list(cfg.use_exports)
-    return [getattr(cfg, f) for f in type(cfg).inputs if getattr(cfg, f, None)]
+    values = [getattr(cfg, f) for f in type(cfg).inputs if getattr(cfg, f, None)]
+    return [v for value in values for v in (value if isinstance(value, list) else [value])]  # a chain's models
 
 
 def _digest_input(value: str, made: dict[str, str]) -> str:
     """The content hash of an input: an earlier stage's recorded output, or a model / export given as it is."""
     if value in made:
         return made[value]
+    from distill.chain import is_chain
     from distill.checkpoint import resolve_model_path
 
     p = Path(value)
-    if p.is_dir() and (p / "manifest.json").is_file():
-        return path_digest(p)  # an export folder
+    if p.is_dir() and ((p / "manifest.json").is_file() or is_chain(p)):
+        return path_digest(p)  # an export or a chain folder
     return file_digest(resolve_model_path(value))  # a missing model: its one-line UsageError
 
 

@@ -101,5 +101,6 @@ def run_chain(cfg: ChainConfig, out: Path, *, command: str = "") -> StageResult:
     card = chain_card(sources, members, plan, rows)
     file = write_chain(Path(out), sources, plan, card, command=command or cfg.command(out))
     times = ", ".join(f"{t:g}" for _, t in plan)
-    return StageResult({"chain": file}, {"steps": len(plan), "times": [t for _, t in plan], "search": rows,
-                                         "summary": f"{len(plan)} steps from t = {times}"})
+    return StageResult({"model": file.parent, "chain": file},
+                       {"steps": len(plan), "times": [t for _, t in plan], "search": rows,
+                        "summary": f"{len(plan)} steps from t = {times}"})
