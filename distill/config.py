@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from distill.errors import UsageError
+from distill.parsing import load_yaml
 
 
 def read_section(path: Path, section: str) -> dict[str, Any]:
@@ -24,7 +25,7 @@ def read_section(path: Path, section: str) -> dict[str, Any]:
     path = Path(path)
     try:
         text = path.read_bytes().decode("utf-8-sig")
-        doc = yaml.safe_load(text)
+        doc = load_yaml(text)
     except FileNotFoundError:
         raise UsageError(f"{path}: no such file; pass an existing YAML file to --config") from None
     except IsADirectoryError:
@@ -35,6 +36,8 @@ def read_section(path: Path, section: str) -> dict[str, Any]:
     except OSError as e:
         raise UsageError(f"{path}: cannot read it ({e.strerror or e}); pass a readable YAML file to --config") from None
     except yaml.YAMLError as e:
+        if hasattr(e, "key"):  # the same key twice
+            raise UsageError(f"{path}: {e}") from None
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise UsageError(f"{path}: not valid YAML{where}; fix the syntax") from None
@@ -64,12 +67,16 @@ def config_option(section: str):
             elif isinstance(p, click.Argument):  # an argument by its name, e.g. 'teacher:'
                 names[p.name] = p.name
         params = {p.name: p for p in ctx.command.params}
-        defaults = {}
+        defaults, given = {}, {}
         for key, v in values.items():
             name = names.get(str(key).replace("-", "_"))
             if name is None:
                 known = ", ".join(sorted(n.replace("_", "-") for n in names))
                 raise UsageError(f"{value}: unknown key '{key}' in '{section}:'; known keys: {known}")
+            if name in given:  # batch-size and batch_size, or --lr's other spelling
+                raise UsageError(f"{value}: keys '{given[name]}' and '{key}' in '{section}:' set the same option; "
+                                 "keep one")
+            given[name] = key
             if v is None:
                 raise UsageError(f"{value}: key '{key}' in '{section}:' has no value; give one or remove the key")
             if isinstance(v, dict) or (isinstance(v, list) and any(isinstance(i, (dict, list)) for i in v)):

@@ -81,3 +81,34 @@ def parse_float_pair(text: str, option: str) -> tuple[float, float]:
     if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
         raise UsageError(f"{option} {text!r}: expected two finite numbers LO,HI with LO <= HI, e.g. 0,4")
     return lo, hi
+
+
+def load_yaml(text: str):
+    """``yaml.safe_load`` that refuses a mapping with the same key twice (``steps: 10`` then ``steps: 20``) with
+    :class:`DuplicateKeyError` (a ``yaml.YAMLError`` naming the key and both lines) instead of keeping the last."""
+    import yaml
+
+    class DuplicateKeyError(yaml.YAMLError):
+        def __init__(self, key, line: int, first: int):
+            super().__init__(f"line {line}: key {key!r} is given twice (first on line {first}); keep one")
+            self.key, self.line, self.first = key, line, first
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor' may be overridden by explicit keys
+                continue
+            key = loader.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise DuplicateKeyError(key, key_node.start_mark.line + 1, seen[key])
+                seen[key] = key_node.start_mark.line + 1
+            except TypeError:  # an unhashable key: the constructor below says so
+                continue
+        return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass

@@ -389,6 +389,8 @@ def test_a_folder_is_read_one_image_at_a_time(tmp_path):
     ("--seeds", "0-10000000000", "1,000,000"),
     ("--seeds", "", "empty"),
     ("--seeds", "5-3", "backwards"),
+    ("--seeds", "0,0,1,1,2,2", "seed 0 is given more than once (3 repeats)"),  # a metric would count them twice
+    ("--seeds", "3,0-4", "seed 3 is given more than once (1 repeat)"),
     ("--classes", "10", "0-9"),
     ("--classes", "-1", "negative"),
     ("--classes", "0-99999999999", "1,000,000"),
@@ -457,6 +459,9 @@ def test_eval_of_images_refuses_sampling_options_and_unlabelled_acc(monkeypatch,
     (b"teacher:\n  steps: abc\n", "'steps'"),
     (b"teacher:\n  bf16: maybe\n", "'bf16'"),
     (b"teacher:\n  out: ''\n", "'out'"),
+    (b"teacher:\n  steps: 10\n  steps: 20\n", "line 3: key 'steps' is given twice (first on line 2)"),
+    (b"teacher:\n  batch-size: 8\n  batch_size: 16\n", "'batch-size' and 'batch_size'"),
+    (b"teacher:\n  lr: 1e-4\nteacher:\n  lr: 2e-4\n", "key 'teacher' is given twice"),
 ])
 def test_bad_config_files(monkeypatch, capsys, tmp_path, content, needle):
     cfg = tmp_path / "c.yaml"

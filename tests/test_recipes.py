@@ -67,6 +67,17 @@ def test_a_malformed_recipe_exits_2_naming_the_key_path(tmp_path, distill_main, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("text, want", [
+    ("teacher: mnist\nteacher: mnist-4step\n", "line 2: key 'teacher' is given twice (first on line 1)"),
+    ("teacher: mnist\nstages:\n  - {name: pd, kind: progressive, start_steps: 8, start_steps: 4}\n",
+     "line 3: key 'start_steps' is given twice"),
+])
+def test_a_key_given_twice_is_refused(tmp_path, distill_main, text, want):
+    (tmp_path / "r.yaml").write_text(text)
+    code, _, err = distill_main("run", tmp_path / "r.yaml", "--out", tmp_path / "run", "--dry-run")
+    assert code == 2 and want in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_overrides_and_the_dry_run_touch_nothing(tmp_path, distill_main):
     path = write(tmp_path, BASE)
     code, out, err = distill_main("run", path, "--out", tmp_path / "run", "--dry-run", "--set",

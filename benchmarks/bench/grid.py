@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from distill.errors import UsageError
+from distill.parsing import load_yaml
 
 BENCH_BACKENDS = ("eager", "compile", "onnxruntime", "onnxruntime-fused")
 BENCH_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
@@ -257,8 +258,10 @@ def load_grid(path: str | Path) -> Grid:
         names = ", ".join(sorted(f.stem for f in GRID_DIR.glob("*.yaml")))
         raise UsageError(f"--grid {path}: no such file or shipped grid (shipped: {names})")
     try:
-        spec = yaml.safe_load(p.read_text())
+        spec = load_yaml(p.read_text())
     except yaml.YAMLError as e:
+        if hasattr(e, "key"):  # the same key twice
+            raise UsageError(f"--grid {p}: {e}") from None
         raise UsageError(f"--grid {p}: not valid YAML ({str(e).splitlines()[0]})") from None
     return build_grid(spec, f"--grid {p}")
 
