@@ -236,6 +236,9 @@ class Trainer:
         tensors, meta = load_tensors(path)
         if meta.get("format") != STATE_FORMAT:
             raise UsageError(f"{path}: not a distill training state; remove it or choose another --out")
+        if int(meta.get("step", 0)) > self.cfg.steps:  # nothing to train, and the model file must not be rewritten
+            raise UsageError(f"{path}: the run is already at step {int(meta['step'])}, past --steps {self.cfg.steps}; "
+                             f"give --steps {int(meta['step'])} or more to continue it, or choose another --out")
         stored_as = json.loads(json.dumps(self.metadata))  # tuples read back as lists
         for key in ("model", "diffusion", "method"):
             if meta.get(key) != stored_as.get(key):

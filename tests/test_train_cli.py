@@ -47,6 +47,14 @@ def test_training_reduces_the_loss(tmp_path):
     assert {"step", "loss", "grad_norm", "lr", "sec_per_step"} <= records[0].keys()
 
 
+def test_resuming_with_fewer_steps_than_done_is_refused_and_changes_nothing(tmp_path):
+    _train(tmp_path / "r", 4)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir() if p.is_file()}
+    with pytest.raises(UsageError, match="already at step 4, past --steps 2; give --steps 4 or more"):
+        _train(tmp_path / "r", 2, resume=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir() if p.is_file()} == before
+
+
 def test_existing_run_is_not_overwritten_without_resume(tmp_path):
     _train(tmp_path / "r", 2)
     before = (tmp_path / "r" / "model.safetensors").read_bytes()
