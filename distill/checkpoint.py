@@ -194,6 +194,13 @@ def model_metadata(den) -> dict[str, Any]:
     return meta
 
 
+def check_model_metadata(meta: dict[str, Any], source: str) -> None:
+    """A model file must hold the ``model`` and ``diffusion`` configs that rebuild it (one line if not)."""
+    if not isinstance(meta.get("model"), dict) or not isinstance(meta.get("diffusion"), dict):
+        raise UsageError(f"{source}: incomplete metadata (no 'model' and 'diffusion' config); re-create the file "
+                         "with distill (teacher train / publish)")
+
+
 def build_denoiser(meta: dict[str, Any], source: str = "checkpoint"):
     """Rebuild an (untrained) denoiser from model metadata; incomplete metadata is a one-line UsageError."""
     from distill.denoiser import Denoiser
@@ -201,10 +208,8 @@ def build_denoiser(meta: dict[str, Any], source: str = "checkpoint"):
     from distill.models.unet import UNet, UNetConfig
     from distill.schedules import schedule_from_config
 
-    model, diffusion = meta.get("model"), meta.get("diffusion")
-    if not isinstance(model, dict) or not isinstance(diffusion, dict):
-        raise UsageError(f"{source}: incomplete metadata (no 'model' and 'diffusion' config); re-create the file "
-                         "with distill (teacher train / publish)")
+    check_model_metadata(meta, source)
+    model, diffusion = meta["model"], meta["diffusion"]
     from distill import factory
 
     archs = {"unet": (UNet, UNetConfig), diffusers_unet.ARCH: (diffusers_unet.DiffusersUNet,

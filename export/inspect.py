@@ -46,7 +46,7 @@ def describe_onnx(path: Path) -> dict[str, Any]:
 
 def describe(path: str | Path) -> dict[str, Any]:
     """A JSON-able description of a model file / run / shipped name, an export folder, or a bare ONNX file."""
-    from distill.checkpoint import read_metadata, resolve_model_path
+    from distill.checkpoint import check_model_metadata, read_metadata, resolve_model_path
     from export.artifact import is_artifact, read_manifest
 
     p = Path(path)
@@ -82,6 +82,7 @@ def describe(path: str | Path) -> dict[str, Any]:
     meta = read_metadata(model)
     if meta.get("format") != "distill.model/1":
         raise UsageError(f"{path}: not a distill model, export folder or ONNX file")
+    check_model_metadata(meta, str(model))  # as every other command would refuse it
     from safetensors import safe_open
 
     with safe_open(str(model), "pt") as f:

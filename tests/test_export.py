@@ -432,6 +432,17 @@ def test_inspect_describes_models_exports_and_bare_onnx(tmp_path, teacher_file, 
     assert r.returncode == 0 and "no manifest" in r.stdout
     r = distill_main("inspect", tmp_path / "nothing.onnx")
     assert r.returncode == 2 and r.stderr.count("\n") == 1
+    # a model file without its diffusion config is refused, as every other command refuses it
+    from safetensors.torch import load_file, save_file
+
+    from distill.checkpoint import read_metadata
+
+    meta = {k: json.dumps(v) for k, v in read_metadata(teacher_file).items()
+            if k != "diffusion"}
+    save_file(load_file(teacher_file), tmp_path / "partial.safetensors", metadata=meta)
+    for command in ("inspect", "sample"):
+        r = distill_main(command, tmp_path / "partial.safetensors")
+        assert r.returncode == 2 and "incomplete metadata" in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
 def test_backend_names_match_the_cli():
