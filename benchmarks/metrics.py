@@ -237,8 +237,20 @@ def real_split(data, split: str) -> tuple[Tensor, Tensor | None]:
     return images, labels
 
 
+def features_digest(feats: dict[str, Tensor]) -> str:
+    """sha256 over a feature set's names, dtypes, shapes and values: written beside a cache entry, checked on reading,
+    so that flipped bytes or values swapped in with intact shapes are a miss instead of a silently wrong FD."""
+    h = hashlib.sha256()
+    for k in sorted(feats):
+        v = feats[k].detach().cpu().contiguous()
+        h.update(f"{k}\0{v.dtype}\0{tuple(v.shape)}\0".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def reference_features(data, split: str, extractor: Extractor, progress: bool = True) -> dict[str, Tensor]:
     """Features of a real split, computed once per (extractor, dataset, images) and cached as safetensors."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     from distill.checkpoint import atomic_write
@@ -250,6 +262,10 @@ def reference_features(data, split: str, extractor: Extractor, progress: bool = 
     if path.is_file():
         try:  # a cache entry that does not load or does not fit these images is a miss: recompute, overwrite
             feats = load_file(str(path))
+            with safe_open(str(path), "pt") as fh:
+                recorded = (fh.metadata() or {}).get("sha256")
+            if recorded != features_digest(feats):
+                raise ValueError("no checksum" if recorded is None else "checksum mismatch: its contents changed")
             f = feats["features"]
             if f.ndim != 2 or len(f) != len(images) or not torch.isfinite(f).all():
                 raise ValueError(f"features of shape {tuple(f.shape)} for {len(images)} images")
@@ -261,7 +277,8 @@ def reference_features(data, split: str, extractor: Extractor, progress: bool = 
           f"images; cached in {path.parent}); later runs reuse them")
     feats = extractor(images, progress=progress)
     try:
-        atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in feats.items()}, tmp))
+        atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in feats.items()}, tmp,
+                                                 metadata={"sha256": features_digest(feats)}))
     except UsageError as e:  # an unwritable cache costs time, not the result
         _note(f"{e}; set DISTILL_CACHE to a writable folder to keep reference features")
     return feats

@@ -497,6 +497,17 @@ def test_a_corrupt_reference_cache_entry_is_recomputed(tmp_path, capsys):
         assert torch.equal(again["features"], first["features"])
         assert torch.equal(load_file(path)["features"], first["features"])  # rewritten, readable again
     assert "recomputing" in capsys.readouterr().err
+    # intact header, keys and shapes, wrong values: bytes flipped inside the tensor data, or other values written in
+    data_bytes = bytearray(path.read_bytes())
+    data_bytes[-5] ^= 0xFF
+    path.write_bytes(bytes(data_bytes))
+    assert torch.equal(reference_features(data, "A", ext, progress=False)["features"], first["features"])
+    assert "checksum mismatch" in capsys.readouterr().err
+    from safetensors.torch import save_file
+
+    save_file({k: torch.zeros_like(v) for k, v in first.items()}, path)  # no checksum (or a foreign writer)
+    assert torch.equal(reference_features(data, "A", ext, progress=False)["features"], first["features"])
+    assert "no checksum" in capsys.readouterr().err
 
 
 def test_a_corrupt_onnx_cache_entry_is_exported_again(monkeypatch, tmp_path):
