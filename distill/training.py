@@ -195,6 +195,7 @@ class Trainer:
         self.step = 0
         self.saved_step: int | None = None  # the step of the last checkpoint on disk
         self._stop: int | None = None  # a signal received during fit()
+        self._window: list[float] = []  # losses of the steps since the last log line (saved: a resume logs alike)
 
     # -- checkpoints -------------------------------------------------------------------------------------
 
@@ -220,7 +221,8 @@ class Trainer:
         bad = non_finite(tensors)
         if bad:
             raise TrainingDiverged(f"step {self.step}: {bad[0]} holds NaN or Inf; {self._kept()}")
-        meta = {**self.metadata, "format": STATE_FORMAT, "step": self.step, "optimizer_param_groups": groups}
+        meta = {**self.metadata, "format": STATE_FORMAT, "step": self.step, "optimizer_param_groups": groups,
+                "log_window": list(self._window)}
         save_model(self.out / MODEL_FILE, self.inference_net(), {**self.metadata, "step": self.step})
         save_tensors(self.out / STATE_FILE, tensors, meta)
         self.saved_step = self.step
@@ -255,6 +257,7 @@ class Trainer:
             self.loss.load_state_tensors({k[5:]: v for k, v in tensors.items() if k.startswith("loss.")}, str(path))
         optimizer_from_tensors(self.optimizer, tensors, meta["optimizer_param_groups"])
         self.step = self.saved_step = int(meta["step"])
+        self._window = [float(v) for v in meta.get("log_window") or []]
         self._truncate_metrics()
 
     def _truncate_metrics(self) -> None:
@@ -342,23 +345,25 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc=desc, dynamic_ncols=True)
         last: dict[str, float] = {}
-        running, t0 = [], time.perf_counter()
+        running, t0, timed = self._window, time.perf_counter(), 0  # timed: steps since t0 (this process)
         try:
             with self._deferred_signals(), open(self.out / METRICS_FILE, "a") as log:
                 while self.step < cfg.steps:
                     last = self.train_step()
                     running.append(last["loss"])
+                    timed += 1
                     bar.update(1)
                     if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                         record = {"step": self.step, "loss": sum(running) / len(running),
                                   "grad_norm": last["grad_norm"], "lr": last["lr"],
-                                  "sec_per_step": (time.perf_counter() - t0) / len(running),
+                                  "sec_per_step": (time.perf_counter() - t0) / timed,
                                   **{k: v for k, v in last.items() if k not in ("loss", "grad_norm", "lr")}}
                         if self.accelerator.is_main_process:
                             log.write(json.dumps(record) + "\n")
                             log.flush()
                         bar.set_postfix(loss=f"{record['loss']:.4f}")
-                        running, t0 = [], time.perf_counter()
+                        running.clear()
+                        t0, timed = time.perf_counter(), 0
                     stop = self._stop_requested()
                     if stop is not None:
                         self.save()  # a stopped run resumes exactly where it stopped
@@ -382,6 +387,13 @@ class Trainer:
             remove_stale_temp_files(self.out)
             if resume:
                 self.resume()
+            elif (self.out / METRICS_FILE).is_file() and (self.out / METRICS_FILE).stat().st_size:
+                import logging
+
+                logging.getLogger("distill").info(
+                    f"note: {self.out / METRICS_FILE} holds the log of a run that saved no checkpoint; starting it "
+                    "afresh")
+                self._truncate_metrics()  # at step 0: every line of the dead run goes
             return self.fit(progress, desc)
 
     def _check_run_dir(self, resume: bool) -> None:

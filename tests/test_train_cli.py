@@ -40,6 +40,42 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 6
 
 
+def test_the_log_of_a_resumed_run_reads_as_one_uninterrupted_run(tmp_path):
+    """Logged every 4 steps, checkpointed every 2: the resumed run's first line still averages steps 1-4."""
+    def losses(run):
+        return [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, (run / "metrics.jsonl").read_text(
+            ).splitlines())]
+
+    from distill.losses import DiffusionLoss
+
+    _train(tmp_path / "straight", 8, log_every=4)
+    original, calls = DiffusionLoss.forward, {"n": 0}
+
+    def dying(self, *a):
+        calls["n"] += 1
+        if calls["n"] == 4:  # killed in step 4: the checkpoint of step 2 is on disk, no log line yet
+            raise KeyboardInterrupt
+        return original(self, *a)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(DiffusionLoss, "forward", dying)
+        with pytest.raises(KeyboardInterrupt):
+            _train(tmp_path / "split", 8, log_every=4)
+    assert not (tmp_path / "split" / "metrics.jsonl").read_text()
+    _train(tmp_path / "split", 8, resume=True, log_every=4)
+    assert losses(tmp_path / "split") == losses(tmp_path / "straight")
+
+
+def test_a_fresh_run_drops_the_log_of_a_run_that_saved_nothing(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 8.0}\n')  # killed before a save
+    _train(run, 4)
+    steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 4 and 9.0 not in [json.loads(ln)["loss"] for ln in (
+        run / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_training_reduces_the_loss(tmp_path):
     _train(tmp_path / "r", 40, lr=2e-3)
     records = [json.loads(ln) for ln in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
