@@ -42,6 +42,25 @@ DISCRETE_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DDIMParallelScheduler"
                        "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
                        "UniPCMultistepScheduler", "DEISMultistepScheduler", "LMSDiscreteScheduler")
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+TRUST_PICKLE_ENV = "DISTILL_TRUST_PICKLE"  # =1: load pickle-based .bin weights (with torch.load(weights_only=True))
+
+
+def weights_kwargs(folder: Path) -> dict[str, Any]:
+    """``from_pretrained`` arguments for a diffusers model folder: its safetensors weights when it has them (never
+    the pickle file beside them); a pickle-based ``.bin`` alone only when the user trusts it
+    (``DISTILL_TRUST_PICKLE=1``; diffusers then loads it with ``torch.load(weights_only=True)``)."""
+    import os
+
+    if (Path(folder) / WEIGHT_FILES[0]).is_file():
+        return {"use_safetensors": True}
+    pickled = Path(folder) / WEIGHT_FILES[1]
+    if pickled.is_file():
+        if os.environ.get(TRUST_PICKLE_ENV) != "1":
+            raise UsageError(f"{pickled}: pickle-based weights can run code when loaded; convert them to safetensors "
+                             f"(save_pretrained(..., safe_serialization=True)), or set {TRUST_PICKLE_ENV}=1 to trust "
+                             "this file (then loaded with torch.load(weights_only=True))")
+        return {"use_safetensors": False}
+    return {}
 DEFAULT_STEPS = 50  # DDIMPipeline's num_inference_steps
 ALPHA_TO_ONE_SCHEDULERS = ("DDIMScheduler", "DDIMParallelScheduler", "PNDMScheduler")  # what set_alpha_to_one moves
 
@@ -239,9 +258,10 @@ def diffusers_model_file(path: Path, parts: tuple[Path, Path]) -> Path:
     diffusion, card = diffusion_config(_read_json(sched_path), sched_path)
     import diffusers
 
+    kwargs = weights_kwargs(unet_dir)  # a pickle file only when trusted: before diffusers reads anything
     LOG.info(f"note: converting the diffusers directory {path} once (cached in {out.parent}); later runs reuse it")
     try:
-        unet = getattr(diffusers, kind).from_pretrained(str(unet_dir), local_files_only=True)
+        unet = getattr(diffusers, kind).from_pretrained(str(unet_dir), local_files_only=True, **kwargs)
     except (OSError, ValueError, RuntimeError) as e:
         raise UsageError(f"{unet_dir}: diffusers cannot load this UNet ({str(e).splitlines()[0]})") from None
     try:

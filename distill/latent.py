@@ -107,8 +107,11 @@ def load_autoencoder(latent: dict[str, Any], where: str = "the model") -> Autoen
                          "restore it, or convert the teacher again")
     from diffusers import AutoencoderKL
 
+    from distill.diffusers_teacher import weights_kwargs
+
+    kwargs = weights_kwargs(path)  # a pickle file only when trusted: before diffusers reads anything
     try:
-        vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True, **kwargs)
     except (OSError, ValueError, RuntimeError) as e:
         raise UsageError(f"{path}: diffusers cannot load this autoencoder ({str(e).splitlines()[0]})") from None
     ae = Autoencoder(vae.eval().requires_grad_(False), latent["scaling_factor"], latent.get("shift_factor", 0.0))

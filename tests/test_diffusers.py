@@ -554,3 +554,29 @@ def test_a_converted_directory_is_reused_until_it_changes(tmp_path, monkeypatch)
     config.write_text(json.dumps({**json.loads(config.read_text()), "prediction_type": "v_prediction"}))
     second = resolve_model_path(path)
     assert second != first and json.loads(json.dumps(second.name))  # the edited directory converts anew
+
+
+def test_pickle_weights_load_only_when_trusted(tmp_path, monkeypatch, distill_main):
+    """A diffusers directory whose UNet weights are a pickle-based .bin: refused in one line; with
+    DISTILL_TRUST_PICKLE=1 it loads (diffusers reads it with torch.load(weights_only=True)), and to the same model
+    as its safetensors twin."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    from distill.checkpoint import load_denoiser
+    from distill.denoiser import Cond
+
+    torch.manual_seed(0)
+    unet = _unet()
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(str(tmp_path / "bin"), safe_serialization=False)
+    _save(tmp_path / "st", unet)
+    assert (tmp_path / "bin" / "unet" / "diffusion_pytorch_model.bin").is_file()
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("DISTILL_TRUST_PICKLE", raising=False)
+    code, _, err = distill_main("inspect", tmp_path / "bin")
+    assert code == 2 and "pickle-based" in err and "DISTILL_TRUST_PICKLE=1" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "cache" / "diffusers").exists()
+    monkeypatch.setenv("DISTILL_TRUST_PICKLE", "1")
+    trusted, plain = load_denoiser(str(tmp_path / "bin")), load_denoiser(str(tmp_path / "st"))
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(trusted(x, 0.5, Cond(None)), plain(x, 0.5, Cond(None)))
