@@ -84,20 +84,43 @@ def remove_stale_temp_files(out: Path) -> list[Path]:
 @contextmanager
 def staged_dir(out: Path):
     """Yield a temporary folder beside ``out``; on success it replaces ``out`` (an older artifact there is kept
-    until the new one is complete), on failure it is removed and ``out`` is untouched."""
+    until the new one is complete), on failure it is removed and ``out`` is untouched.
+
+    One writer at a time: the block holds ``.NAME.lock`` beside ``out`` (a second process writing the same folder
+    gets one line instead of trampling it). A process killed between the two renames of the swap leaves the old
+    artifact as ``.NAME.old``: the next writer puts it back first, and removes staging folders killed writers
+    left."""
+    import fcntl
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    fd = os.open(out.parent / f".{out.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        yield stage
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    if out.exists():
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise UsageError(f"{out}: another distill process (pid {holder}) is writing it; wait for it to finish, "
+                             "stop it, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
         old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        stage.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        stage.rename(out)
+        if old.is_dir() and not out.exists():
+            old.rename(out)  # a swap a kill interrupted: the previous artifact is still the good one
+        for stale in out.parent.glob(f".{out.name}.*.stage"):
+            shutil.rmtree(stale, ignore_errors=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".stage", dir=out.parent))
+        try:
+            yield stage
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            stage.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            stage.rename(out)
+    finally:
+        os.close(fd)

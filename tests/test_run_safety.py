@@ -19,7 +19,7 @@ from distill.denoiser import Denoiser
 from distill.errors import UsageError
 from distill.losses import DiffusionLoss, TargetNetwork
 from distill.models.unet import UNet, UNetConfig
-from distill.rundir import run_lock
+from distill.rundir import run_lock, staged_dir
 from distill.schedules import CosineSchedule
 from distill.training import TrainConfig, Trainer
 
@@ -307,3 +307,27 @@ def test_two_processes_draw_different_noise(tmp_path):
     for key in ("t", "eps", "drop", "global", "batch"):
         assert r0[key] != r1[key], key
     assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_a_staged_folder_has_one_writer_and_survives_a_kill_in_its_swap(tmp_path):
+    """Artifacts (exports, engines, chains) are written through staged_dir: a second writer of the same folder gets
+    one line; a process killed between the swap's two renames leaves the old artifact as .NAME.old, which the next
+    writer restores before anything else (so a failing next write still leaves the good one)."""
+    out = tmp_path / "export"
+    with staged_dir(out) as stage:
+        (stage / "model.onnx").write_text("v1")
+        with pytest.raises(UsageError, match=r"another distill process \(pid \d+\) is writing it"):
+            with staged_dir(out):
+                pass
+    assert (out / "model.onnx").read_text() == "v1"
+    out.rename(tmp_path / ".export.old")  # killed after the first rename of the next swap
+    (tmp_path / ".export.x1y2.stage").mkdir()  # and the staging folder of a writer killed earlier
+    with pytest.raises(RuntimeError):
+        with staged_dir(out):
+            raise RuntimeError("the next export fails")
+    assert (out / "model.onnx").read_text() == "v1"
+    assert not list(tmp_path.glob("*.stage")) and not (tmp_path / ".export.old").exists()
+    with staged_dir(out) as stage:
+        (stage / "model.onnx").write_text("v2")
+    assert (out / "model.onnx").read_text() == "v2" and sorted(p.name for p in tmp_path.iterdir()) == [
+        ".export.lock", "export"]
