@@ -251,7 +251,7 @@ def features_digest(feats: dict[str, Tensor]) -> str:
 def reference_features(data, split: str, extractor: Extractor, progress: bool = True) -> dict[str, Tensor]:
     """Features of a real split, computed once per (extractor, dataset, images) and cached as safetensors."""
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from distill.checkpoint import atomic_write
 
@@ -261,9 +261,9 @@ def reference_features(data, split: str, extractor: Extractor, progress: bool = 
     path = cache_dir() / "reference" / f"{extractor.fingerprint}-{name}.safetensors"
     if path.is_file():
         try:  # a cache entry that does not load or does not fit these images is a miss: recompute, overwrite
-            feats = load_file(str(path))
-            with safe_open(str(path), "pt") as fh:
+            with safe_open(str(path), "pt") as fh:  # the tensors and the checksum written with them, in one read
                 recorded = (fh.metadata() or {}).get("sha256")
+                feats = {k: fh.get_tensor(k) for k in fh.keys()}
             if recorded != features_digest(feats):
                 raise ValueError("no checksum" if recorded is None else "checksum mismatch: its contents changed")
             f = feats["features"]

@@ -25,7 +25,7 @@ def read_section(path: Path, section: str) -> dict[str, Any]:
     path = Path(path)
     try:
         text = path.read_bytes().decode("utf-8-sig")
-        doc = load_yaml(text)
+        doc = load_yaml(text, str(path))
     except FileNotFoundError:
         raise UsageError(f"{path}: no such file; pass an existing YAML file to --config") from None
     except IsADirectoryError:
@@ -36,8 +36,6 @@ def read_section(path: Path, section: str) -> dict[str, Any]:
     except OSError as e:
         raise UsageError(f"{path}: cannot read it ({e.strerror or e}); pass a readable YAML file to --config") from None
     except yaml.YAMLError as e:
-        if hasattr(e, "key"):  # the same key twice
-            raise UsageError(f"{path}: {e}") from None
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise UsageError(f"{path}: not valid YAML{where}; fix the syntax") from None

@@ -43,6 +43,8 @@ DISCRETE_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DDIMParallelScheduler"
                        "UniPCMultistepScheduler", "DEISMultistepScheduler", "LMSDiscreteScheduler")
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 TRUST_PICKLE_ENV = "DISTILL_TRUST_PICKLE"  # =1: load pickle-based .bin weights (with torch.load(weights_only=True))
+DEFAULT_STEPS = 50  # DDIMPipeline's num_inference_steps
+ALPHA_TO_ONE_SCHEDULERS = ("DDIMScheduler", "DDIMParallelScheduler", "PNDMScheduler")  # what set_alpha_to_one moves
 
 
 def weights_kwargs(folder: Path) -> dict[str, Any]:
@@ -61,8 +63,6 @@ def weights_kwargs(folder: Path) -> dict[str, Any]:
                              "this file (then loaded with torch.load(weights_only=True))")
         return {"use_safetensors": False}
     return {}
-DEFAULT_STEPS = 50  # DDIMPipeline's num_inference_steps
-ALPHA_TO_ONE_SCHEDULERS = ("DDIMScheduler", "DDIMParallelScheduler", "PNDMScheduler")  # what set_alpha_to_one moves
 
 
 def diffusers_parts(path: Path) -> tuple[Path, Path, Path | None] | None:

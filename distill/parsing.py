@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from distill.errors import UsageError
 
 # The longest list one option may expand to (``--seeds 0-999999`` is a million samples). Ranges are counted
@@ -83,18 +85,20 @@ def parse_float_pair(text: str, option: str) -> tuple[float, float]:
     return lo, hi
 
 
-def load_yaml(text: str):
-    """``yaml.safe_load`` that refuses a mapping with the same key twice (``steps: 10`` then ``steps: 20``) with
-    :class:`DuplicateKeyError` (a ``yaml.YAMLError`` naming the key and both lines) instead of keeping the last."""
+
+class _DuplicateKey(Exception):
+    def __init__(self, key, line: int, first: int):
+        super().__init__(key, line, first)
+        self.key, self.line, self.first = key, line, first
+
+
+@functools.lru_cache(maxsize=1)
+def _strict_loader():
+    """``yaml.SafeLoader`` with a mapping constructor that refuses a key given twice (built once, on first use)."""
     import yaml
 
-    class DuplicateKeyError(yaml.YAMLError):
-        def __init__(self, key, line: int, first: int):
-            super().__init__(f"line {line}: key {key!r} is given twice (first on line {first}); keep one")
-            self.key, self.line, self.first = key, line, first
-
     class StrictLoader(yaml.SafeLoader):
-        pass
+        """safe_load's loader; a mapping that gives one key twice raises :class:`_DuplicateKey`."""
 
     def mapping(loader, node, deep=False):
         seen: dict = {}
@@ -104,11 +108,24 @@ def load_yaml(text: str):
             key = loader.construct_object(key_node, deep=True)
             try:
                 if key in seen:
-                    raise DuplicateKeyError(key, key_node.start_mark.line + 1, seen[key])
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1, seen[key])
                 seen[key] = key_node.start_mark.line + 1
             except TypeError:  # an unhashable key: the constructor below says so
                 continue
         return yaml.SafeLoader.construct_mapping(loader, node, deep)
 
     StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
-    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    return StrictLoader
+
+
+def load_yaml(text: str, source: str):
+    """``yaml.safe_load`` that refuses a mapping with the same key twice (``steps: 10`` then ``steps: 20``) in one
+    :class:`UsageError` naming ``source``, the key and both lines, instead of keeping the last. Syntax errors stay
+    ``yaml.YAMLError`` for the caller to word."""
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as e:
+        raise UsageError(f"{source}: line {e.line}: key {e.key!r} is given twice (first on line {e.first}); keep "
+                         "one") from None

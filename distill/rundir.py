@@ -27,21 +27,23 @@ def cache_dir() -> Path:
 
 
 @contextmanager
-def run_lock(out: Path) -> Iterator[None]:
-    """Hold ``out``'s lock for the duration of the block; a second holder gets a one-line UsageError."""
+def _exclusive(lock: Path, busy, cannot_open=None) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the file ``lock`` (holding this process's pid) for the block; when another
+    process holds it, raise ``busy(pid)``, when the file cannot be created ``cannot_open(error)`` (UsageErrors; an
+    OSError as it is without ``cannot_open``). The kernel releases the lock however the process dies."""
     import fcntl
 
-    out = Path(out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-        raise UsageError(f"{out}: cannot create the run directory ({e.strerror}); choose a writable --out") from None
+        if cannot_open is None:
+            raise
+        raise cannot_open(e) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise _held(out, fd) from None
+            raise busy(_holder(fd)) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
@@ -49,8 +51,27 @@ def run_lock(out: Path) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
-def _held(out: Path, fd: int) -> UsageError:
-    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+def _holder(fd: int) -> str:
+    return os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+
+
+@contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold ``out``'s lock for the duration of the block; a second holder gets a one-line UsageError."""
+    out = Path(out)
+
+    def cannot_open(e: OSError) -> UsageError:
+        return UsageError(f"{out}: cannot create the run directory ({e.strerror}); choose a writable --out")
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise cannot_open(e) from None
+    with _exclusive(out / LOCK_FILE, lambda pid: _held(out, pid), cannot_open):
+        yield
+
+
+def _held(out: Path, holder: str) -> UsageError:
     return UsageError(f"{out}: another distill run (pid {holder}) is writing here; wait for it to finish, stop it, "
                       "or choose another --out")
 
@@ -68,7 +89,7 @@ def refuse_if_locked(out: Path) -> None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise _held(Path(out), fd) from None
+            raise _held(Path(out), _holder(fd)) from None
     finally:
         os.close(fd)
 
@@ -90,20 +111,14 @@ def staged_dir(out: Path):
     gets one line instead of trampling it). A process killed between the two renames of the swap leaves the old
     artifact as ``.NAME.old``: the next writer puts it back first, and removes staging folders killed writers
     left."""
-    import fcntl
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out.parent / f".{out.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            raise UsageError(f"{out}: another distill process (pid {holder}) is writing it; wait for it to finish, "
-                             "stop it, or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+
+    def busy(pid: str) -> UsageError:
+        return UsageError(f"{out}: another distill process (pid {pid}) is writing it; wait for it to finish, stop it, "
+                          "or choose another --out")
+
+    with _exclusive(out.parent / f".{out.name}.lock", busy):
         old = out.with_name(f".{out.name}.old")
         if old.is_dir() and not out.exists():
             old.rename(out)  # a swap a kill interrupted: the previous artifact is still the good one
@@ -122,5 +137,3 @@ def staged_dir(out: Path):
             shutil.rmtree(old, ignore_errors=True)
         else:
             stage.rename(out)
-    finally:
-        os.close(fd)

@@ -15,6 +15,7 @@ current step, after a checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import signal
 import threading
@@ -44,6 +45,7 @@ from distill.errors import Terminated, TrainingDiverged, UsageError
 from distill.rundir import remove_stale_temp_files, run_lock
 
 MODEL_FILE, STATE_FILE, METRICS_FILE = "model.safetensors", "train_state.safetensors", "metrics.jsonl"
+LOG = logging.getLogger("distill")  # notes: the CLI prints them, a library caller configures logging
 
 
 def close_process_group() -> None:
@@ -388,11 +390,8 @@ class Trainer:
             if resume:
                 self.resume()
             elif (self.out / METRICS_FILE).is_file() and (self.out / METRICS_FILE).stat().st_size:
-                import logging
-
-                logging.getLogger("distill").info(
-                    f"note: {self.out / METRICS_FILE} holds the log of a run that saved no checkpoint; starting it "
-                    "afresh")
+                LOG.info(f"note: {self.out / METRICS_FILE} holds the log of a run that saved no checkpoint; starting "
+                         "it afresh")
                 self._truncate_metrics()  # at step 0: every line of the dead run goes
             return self.fit(progress, desc)
 

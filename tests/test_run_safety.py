@@ -318,7 +318,7 @@ def test_a_staged_folder_has_one_writer_and_survives_a_kill_in_its_swap(tmp_path
         (stage / "model.onnx").write_text("v1")
         with pytest.raises(UsageError, match=r"another distill process \(pid \d+\) is writing it"):
             with staged_dir(out):
-                pass
+                pytest.fail("a second writer entered the folder")
     assert (out / "model.onnx").read_text() == "v1"
     out.rename(tmp_path / ".export.old")  # killed after the first rename of the next swap
     (tmp_path / ".export.x1y2.stage").mkdir()  # and the staging folder of a writer killed earlier

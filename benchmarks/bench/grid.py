@@ -258,10 +258,8 @@ def load_grid(path: str | Path) -> Grid:
         names = ", ".join(sorted(f.stem for f in GRID_DIR.glob("*.yaml")))
         raise UsageError(f"--grid {path}: no such file or shipped grid (shipped: {names})")
     try:
-        spec = load_yaml(p.read_text())
+        spec = load_yaml(p.read_text(), f"--grid {p}")
     except yaml.YAMLError as e:
-        if hasattr(e, "key"):  # the same key twice
-            raise UsageError(f"--grid {p}: {e}") from None
         raise UsageError(f"--grid {p}: not valid YAML ({str(e).splitlines()[0]})") from None
     return build_grid(spec, f"--grid {p}")
 

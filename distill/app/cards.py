@@ -146,8 +146,6 @@ def shipped_card(model: str, *, table=None, machine: dict[str, Any] | None = Non
 
 def write_cards(recipe, out: Path, manifest: dict[str, Any], table) -> list[Path]:
     """``MODEL_CARD.md`` beside every student (and the trained teacher) and in every export folder."""
-    from distill.checkpoint import read_metadata
-
     written = []
     machine = manifest.get("machine") or {}
     stages = manifest.get("stages") or {}
@@ -155,19 +153,12 @@ def write_cards(recipe, out: Path, manifest: dict[str, Any], table) -> list[Path
         s = stages.get(entry.name)
         if not s:
             continue
-        if entry.kind in ("teacher", "progressive", "consistency", "dmd"):
-            path = Path(out) / s["outputs"]["model"]["path"]
-            card = read_metadata(path).get("card") or {}
-            text = model_card(title=f"{recipe.name}/{entry.name}", path=path, card=card, record=s["record"],
-                              commands=s["commands"], machine=machine, rows=_rows(table, recipe.models[entry.name]),
-                              seconds=s.get("seconds"))
-            dest = path.parent / CARD_FILE
-        elif entry.kind == "chain":
+        if entry.kind in ("teacher", "progressive", "consistency", "dmd", "chain"):
             from distill.chain import CHAIN_FILE
 
-            folder = Path(out) / s["outputs"]["model"]["path"]
-            card = _source_card(str(folder))
-            text = model_card(title=f"{recipe.name}/{entry.name}", path=folder / CHAIN_FILE, card=card,
+            path = Path(out) / s["outputs"]["model"]["path"]  # a model file, or a chain's folder
+            folder, shown = (path, path / CHAIN_FILE) if entry.kind == "chain" else (path.parent, path)
+            text = model_card(title=f"{recipe.name}/{entry.name}", path=shown, card=_source_card(str(path)),
                               record=s["record"], commands=s["commands"], machine=machine,
                               rows=_rows(table, recipe.models[entry.name]), seconds=s.get("seconds"))
             dest = folder / CARD_FILE

@@ -118,7 +118,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.exists() and (RECIPE_DIR / f"{path}.yaml").is_file():
         path = RECIPE_DIR / f"{path}.yaml"
     try:
-        doc = load_yaml(path.read_bytes().decode("utf-8-sig"))
+        doc = load_yaml(path.read_bytes().decode("utf-8-sig"), str(path))
     except FileNotFoundError:
         raise RecipeError(f"{path}: no such recipe; pass a YAML file (e.g. recipes/quickstart.yaml)") from None
     except IsADirectoryError:
@@ -126,8 +126,6 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not UTF-8 text; save the recipe as UTF-8") from None
     except yaml.YAMLError as e:
-        if hasattr(e, "key"):  # the same key twice
-            raise RecipeError(f"{path}: {e}") from None
         mark = getattr(e, "problem_mark", None)
         raise RecipeError(f"{path}: not valid YAML{f' (line {mark.line + 1})' if mark else ''}; fix the "
                           "syntax") from None

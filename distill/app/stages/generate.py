@@ -24,11 +24,12 @@ def _seeds(value):
         except UsageError as e:
             raise ValueError(str(e).removeprefix("--seeds ")) from None
     if isinstance(value, list) and len(set(value)) != len(value):  # a metric would count the repeated images twice
-        seen: set = set()
-        first = next(v for v in value if v in seen or seen.add(v))
-        repeats = len(value) - len(set(value))
-        raise ValueError(f"seed {first} is given more than once ({repeats} repeat{'s' * (repeats > 1)}); each seed "
-                         "draws one sample, so give distinct seeds (e.g. 0-2499)")
+        repeats, seen = len(value) - len(set(value)), set()
+        for seed in value:
+            if seed in seen:
+                raise ValueError(f"seed {seed} is given more than once ({repeats} repeat{'s' * (repeats > 1)}); "
+                                 "each seed draws one sample, so give distinct seeds (e.g. 0-2499)")
+            seen.add(seed)
     return value
 
 
