@@ -8,6 +8,7 @@ Two kinds of file:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -27,27 +28,41 @@ MODEL_FORMAT = "distill.model/1"
 STATE_FORMAT = "distill.train_state/1"
 
 
+# What the user can fix about an output location; any other OSError is a genuine runtime failure.
+FIXABLE_OS_ERRORS = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                     errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on the device",
+                     errno.EDQUOT: "disk quota exceeded", errno.ENOTDIR: "a parent is a file, not a folder",
+                     errno.EEXIST: "a parent is a file, not a folder", errno.EISDIR: "it is a folder",
+                     errno.ENAMETOOLONG: "file name too long", errno.EFBIG: "file too large",
+                     errno.EBUSY: "the path is busy (a mount point or the current folder)"}
+
+
+def _fix(code: int) -> str:
+    return ("free space or choose another output path" if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+            else "choose another output path")
+
+
+def os_error_line(e: OSError) -> UsageError | None:
+    """An OSError the user can fix (a full or read-only disk, no permission) that escaped a command's own checks,
+    as one line naming the file; None for any other (a genuine runtime failure)."""
+    if e.errno not in FIXABLE_OS_ERRORS:
+        return None
+    where = e.filename if e.filename is not None else "a file"
+    return UsageError(f"{where}: {FIXABLE_OS_ERRORS[e.errno]}; {_fix(e.errno)}")
+
+
 def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``, so a crash never leaves a half-written file.
 
     A location that cannot be written (a read-only or full disk, no permission, a file where a folder should be)
     is a :class:`UsageError` naming ``path``; the temp file is removed whatever happens."""
-    import errno
     import re
 
     path = Path(path)
-    # What the user can fix about an output location; any other OSError is a genuine runtime failure.
-    fixable = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-               errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on the device",
-               errno.EDQUOT: "disk quota exceeded", errno.ENOTDIR: "a parent is a file, not a folder",
-               errno.EEXIST: "a parent is a file, not a folder", errno.EISDIR: "it is a folder",
-               errno.ENAMETOOLONG: "file name too long", errno.EFBIG: "file too large",
-               errno.EBUSY: "the path is busy (a mount point or the current folder)"}
+    fixable = FIXABLE_OS_ERRORS
 
     def usage_error(code: int) -> UsageError:
-        return UsageError(f"{path}: cannot write it ({fixable[code]}); free space or choose another output path"
-                          if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else
-                          f"{path}: cannot write it ({fixable[code]}); choose another output path")
+        return UsageError(f"{path}: cannot write it ({fixable[code]}); {_fix(code)}")
 
     if path.is_dir():
         raise UsageError(f"{path}: cannot write it ({fixable[errno.EISDIR]}); give a file path")

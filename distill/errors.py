@@ -20,7 +20,7 @@ class ConfigError(UsageError):
     as its flag (``--start-steps``), a recipe as its key path (``recipe.yaml: stages[1].start_steps``)."""
 
     def __init__(self, field: str, message: str, flag_message: str | None = None):
-        super().__init__(f"{field}: {message}")
+        super().__init__(f"{field}: {message}" if field else message)
         # flag_message: the same message naming command-line flags, where a library check wrote it that way
         self.field, self.message, self.flag_message = field, message, flag_message
 

@@ -57,9 +57,23 @@ def check_output_dir(path: Path, option: str) -> None:
     base = _nearest_existing(path)
     if not base.is_dir():
         raise UsageError(f"{option} {path}: {base} is a file, so the folder cannot be created; choose another {option}")
-    if not os.access(base, os.W_OK | os.X_OK):
+    if not os.access(base, os.W_OK | os.X_OK) or not _can_create_in(base):
         raise UsageError(f"{option} {path}: {base} is not writable (read-only or no permission); "
                          f"choose another {option}")
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Whether a file can be made in ``folder``: a probe, because ``os.access`` says yes to root on a read-only
+    mount or a pseudo file system (/proc, /sys)."""
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(prefix=".distill-probe-", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(name)
+    return True
 
 
 def check_output_file(path: Path, option: str) -> None:

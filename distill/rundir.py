@@ -44,8 +44,11 @@ def _exclusive(lock: Path, busy, cannot_open=None) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise busy(_holder(fd)) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:  # the holder's pid, for the busy message; the lock holds without it (a full disk)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except OSError:
+            pass
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
@@ -125,8 +128,20 @@ def staged_dir(out: Path):
         for stale in out.parent.glob(f".{out.name}.*.stage"):
             shutil.rmtree(stale, ignore_errors=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".stage", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(stage, 0o777 & ~umask)  # mkdtemp makes it 0700; the artifact gets a folder's usual permissions
         try:
             yield stage
+        except OSError as e:
+            shutil.rmtree(stage, ignore_errors=True)
+            from distill.checkpoint import FIXABLE_OS_ERRORS, os_error_line
+
+            if e.errno not in FIXABLE_OS_ERRORS:
+                raise
+            kept = f"; the previous {out} is kept" if out.exists() else ""
+            raise UsageError(f"{out}: cannot write it ({FIXABLE_OS_ERRORS[e.errno]}){kept}; "
+                             f"{str(os_error_line(e)).rpartition('; ')[2]}") from None
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise

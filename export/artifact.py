@@ -64,8 +64,35 @@ def read_manifest(path: Path | str) -> dict[str, Any]:
     graph = folder / manifest.get("graph", "")
     if not graph.is_file():
         raise UsageError(f"{folder}: the manifest names {manifest.get('graph')!r}, which is missing; export again")
+    check_files(folder, manifest)
     manifest["path"] = str(graph)
     return manifest
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256: each file hashed once per process
+
+
+def _digest(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = sha256(path)
+    return _DIGESTS[key]
+
+
+def check_files(folder: Path, manifest: dict[str, Any]) -> None:
+    """Every file the manifest lists (its ``files``: name -> sha256, recorded when the artifact was written) is
+    there with those bytes; else a one-line UsageError. A damaged graph never reaches ONNX Runtime or TensorRT."""
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return  # written before manifests recorded their files
+    for name, digest in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise UsageError(f"{path}: missing, though {folder / MANIFEST} lists it; export again")
+        if _digest(path) != digest:
+            raise UsageError(f"{path}: its bytes differ from those {folder / MANIFEST} recorded (damaged or changed "
+                             "after the export); export again")
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:

@@ -113,7 +113,7 @@ def run_quality(grid: Grid, out: Path, *, samples: int = 2500, data_spec: str = 
     exports = exports or out / "exports"
     seeds = list(range(samples))
     path = out / "quality.jsonl"
-    done = {r["quality_id"]: r for r in read_jsonl(path)
+    done = {r["quality_id"]: r for r in read_jsonl(path, ("quality_id",))
             if r.get("n_fake") == samples and r.get("data") == data_spec and r.get("ref", "").endswith(f":{ref}")
             and set(metrics) <= set(r.get("metrics", []))} if not force else {}
     todo = [c for c in grid.quality_configs() if c.quality_id not in done]

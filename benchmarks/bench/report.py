@@ -29,7 +29,8 @@ TABLE_COLUMNS = ["config", "kind", "model", "sampler", "steps", "nfe", "guidance
 
 def build_table(out: Path) -> tuple[pd.DataFrame, dict]:
     """The joined table of a benchmark folder (``speed.jsonl`` + ``quality.jsonl``) and its machine."""
-    speed, quality = read_jsonl(out / "speed.jsonl"), read_jsonl(out / "quality.jsonl")
+    speed = read_jsonl(out / "speed.jsonl", ("config", "quality_id"))
+    quality = read_jsonl(out / "quality.jsonl", ("quality_id",))
     if not speed:
         raise UsageError(f"{out}: no speed results (speed.jsonl); run distill bench speed --out {out} first")
     q_by_id: dict[str, dict] = {}

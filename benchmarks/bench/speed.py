@@ -22,6 +22,7 @@ once all its passes are in; a re-run skips what is there (``--force`` measures e
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -360,26 +361,48 @@ def isolated(fn, *args):
         return pool.submit(_with_environment, dict(os.environ), fn, *args).result()
 
 
-def read_jsonl(path: Path) -> list[dict]:
+RECORD_SUM = "sha256"  # each benchmark record's checksum: of its JSON (sorted keys) without this field
+
+
+def record_sum(row: dict) -> str:
+    body = {k: v for k, v in row.items() if k != RECORD_SUM}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
+    """A results file's records. A record that is not whole (a line cut off by a kill), fails its checksum (edited
+    or damaged on disk), has none, or lacks a ``required`` key is left out with a note, so it is measured again;
+    results never mix a damaged record in."""
     if not path.is_file():
         return []
-    rows = []
-    for line in path.read_text().splitlines():
+    rows, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
         line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut off by a kill: measured again
-                continue
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut off by a kill: measured again
+            dropped += 1
+            continue
+        if (not isinstance(row, dict) or row.get(RECORD_SUM) != record_sum(row)
+                or any(k not in row for k in required)):
+            dropped += 1
+            continue
+        rows.append({k: v for k, v in row.items() if k != RECORD_SUM})
+    if dropped:
+        LOG.warning(f"{path}: {dropped} record(s) cut off, damaged or without a checksum left out (measured again "
+                    "where a command needs them)")
     return rows
 
 
 def append_jsonl(path: Path, rows: list[dict]) -> None:
-    """Append rows, each line written whole and flushed, so a kill loses at most the group in flight."""
+    """Append rows, each line written whole (with its checksum) and flushed, so a kill loses at most the group in
+    flight."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         for r in rows:
-            f.write(json.dumps(r) + "\n")
+            f.write(json.dumps({**r, RECORD_SUM: record_sum(r)}) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -393,9 +416,9 @@ def run_speed(grid: Grid, out: Path, *, device: str = "cpu", threads: int | None
     threads = threads or torch.get_num_threads()
     path, passes_path = out / "speed.jsonl", out / "speed_rounds.jsonl"
     exports = exports or out / "exports"
-    done = {r["config"]: r for r in read_jsonl(path)} if not force else {}
+    done = {r["config"]: r for r in read_jsonl(path, ("config",))} if not force else {}
     passes: dict[str, dict[int, dict]] = {}
-    for r in read_jsonl(passes_path) if not force else []:
+    for r in read_jsonl(passes_path, ("config", "round")) if not force else []:
         passes.setdefault(r["config"], {})[r["round"]] = r
     machine = machine_info(device)
     overhead = harness_overhead_ms(device)

@@ -147,9 +147,11 @@ def run_recipe(recipe: Recipe, out: Path, *, progress: bool = True) -> RunSummar
     """Run (or continue) ``recipe`` in ``out``; returns the summary with the gates' verdicts (a failed gate does
     not raise here: the caller decides the exit code)."""
     from distill.checkpoint import atomic_write
+    from distill.preflight import check_output_dir
     from distill.rundir import run_lock
 
     out = Path(out)
+    check_output_dir(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     summary = RunSummary(out)
     with run_lock(out):

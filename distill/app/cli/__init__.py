@@ -89,5 +89,13 @@ def main() -> None:
     except DistillError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
+    except OSError as e:  # a full or read-only disk met where no command's own check stood: still one line
+        from distill.checkpoint import os_error_line
+
+        line = os_error_line(e)
+        if line is None:
+            raise
+        click.echo(f"error: {line}", err=True)
+        sys.exit(line.exit_code)
     except KeyboardInterrupt as e:
         _interrupted(e)

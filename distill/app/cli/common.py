@@ -126,7 +126,7 @@ def build(cls, ctx: click.Context | None = None, **values: Any):
         message = e.flag_message or re.sub(
             r"\b[a-z0-9]+(?:_[a-z0-9]+)+\b",
             lambda m: flag_of(m.group(0)) if m.group(0) in cls.model_fields else m.group(0), e.message)
-        raise UsageError(f"{flag_of(e.field)}{sep}{message}") from None
+        raise UsageError(f"{flag_of(e.field)}{sep}{message}" if e.field else message) from None
 
 
 def command_line() -> str:

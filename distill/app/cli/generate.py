@@ -138,19 +138,23 @@ def card(models, bench, dest, notes_dir):
     from distill.app.cards import shipped_card
     from distill.app.gates import table_machine
     from distill.checkpoint import atomic_write
+    from distill.preflight import check_output_dir
 
     table = machine = None
     if bench:
         from benchmarks.bench.report import load_table
 
         table, machine = load_table(Path(bench)), table_machine(Path(bench))
-    dest.mkdir(parents=True, exist_ok=True)
     again = "distill card " + " ".join(models) + (f" --bench {bench}" if bench else "") + f" --dest {dest}" + \
         (f" --notes-dir {notes_dir}" if notes_dir else "")
+    cards = {}  # every card made before anything is written: a bad model leaves --dest as it was
     for model in models:
         name = Path(model).name.removesuffix(".safetensors")
         note_file = notes_dir / f"{name}.md" if notes_dir else None
         notes = note_file.read_text() if note_file and note_file.is_file() else None
-        text = shipped_card(model, table=table, machine=machine, notes=notes, regenerate=f"`{again}`")
+        cards[name] = shipped_card(model, table=table, machine=machine, notes=notes, regenerate=f"`{again}`")
+    check_output_dir(dest, "--dest")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, text in cards.items():
         atomic_write(dest / f"{name}.md", lambda tmp, t=text: Path(tmp).write_text(t))
         click.echo(f"wrote {dest / f'{name}.md'}")

@@ -85,7 +85,8 @@ def options_error(e: UsageError, cls: type[BaseModel]) -> ConfigError:
     m = re.match(r"--([a-z0-9-]+)[: ]\s*(.*)", text)
     if m and m.group(1).replace("-", "_") in cls.model_fields:
         return ConfigError(m.group(1).replace("-", "_"), re.sub(r"--([a-z0-9-]+)", field, m.group(2)), m.group(2))
-    return ConfigError(getattr(cls, "kind", "") or cls.__name__, re.sub(r"--([a-z0-9-]+)", field, text), text)
+    # a message about several flags (--min-batch/--opt-batch/--max-batch: ...) or none: no one field to name
+    return ConfigError("", re.sub(r"--([a-z0-9-]+)", field, text), text)
 
 
 class StageConfig(BaseModel):
