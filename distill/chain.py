@@ -32,10 +32,21 @@ CHAIN_FORMAT = "distill.chain/1"
 MEMBERS_DIR = "members"
 
 
+def chain_dir(source: str | Path) -> Path:
+    """The folder of a chain: ``source`` itself, or a shipped chain's by name (``distill/weights/NAME/``, whose
+    ``chain.json`` names the shipped member files beside it instead of copies)."""
+    from distill.checkpoint import SHIPPED_DIR
+
+    path = Path(source)
+    if not path.exists() and path.name == str(path) and (SHIPPED_DIR / path / CHAIN_FILE).is_file():
+        return SHIPPED_DIR / path
+    return path
+
+
 def is_chain(source: str | Path) -> bool:
-    """Whether ``source`` is a chain folder (holds ``chain.json``)."""
+    """Whether ``source`` is a chain folder (holds ``chain.json``) or a shipped chain's name."""
     try:
-        return (Path(source) / CHAIN_FILE).is_file()
+        return (chain_dir(source) / CHAIN_FILE).is_file()
     except (OSError, ValueError):
         return False
 
@@ -186,7 +197,8 @@ def write_chain(out: Path, sources: Sequence[str], plan: Sequence[tuple[int, flo
 
 def read_chain(source: str | Path) -> dict[str, Any]:
     """``chain.json`` of a chain folder, its format checked, with one line for a damaged or foreign file."""
-    file = Path(source) / CHAIN_FILE
+    folder = chain_dir(source)
+    file = folder / CHAIN_FILE
     try:
         record = json.loads(file.read_text())
     except (OSError, ValueError) as e:
@@ -196,7 +208,7 @@ def read_chain(source: str | Path) -> dict[str, Any]:
         raise UsageError(f"{file}: not a distill chain (format {found!r}); write the chain again with distill chain")
     try:
         record["plan"] = [(int(s["member"]), float(s["t"])) for s in record["steps"]]
-        record["files"] = [(Path(source) / m["file"], str(m["sha256"]), str(m.get("source", m["file"])))
+        record["files"] = [(folder / m["file"], str(m["sha256"]), str(m.get("source", m["file"])))
                            for m in record["members"]]
     except (KeyError, TypeError, ValueError) as e:
         raise UsageError(f"{file}: malformed ({type(e).__name__}: {e}); write the chain again with distill "

@@ -292,13 +292,13 @@ def export_onnx(model: str, out: Path, opts: ExportOptions, *, command: str = ""
 
     opts.validate()
     check_export_out(out)
-    from distill.chain import CHAIN_FILE, is_chain, load_chain
+    from distill.chain import CHAIN_FILE, chain_dir, is_chain, load_chain
 
     if is_chain(model):  # a chain of students: one graph holding every member
         if not opts.fused:
             raise UsageError(f"{model} is a chain of students, which has no per-step graph; add --fused to export "
                              "it as one graph")
-        path, den = Path(model) / CHAIN_FILE, load_chain(model).float()
+        path, den = chain_dir(model) / CHAIN_FILE, load_chain(model).float()
     else:
         path, den = resolve_model_path(model), load_denoiser(model).float()
     labels, guided = graph_signature(den, opts.guided, model)

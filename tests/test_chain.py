@@ -109,3 +109,26 @@ def test_a_recipe_chain_without_models_is_one_line(tmp_path, teacher_file, disti
     recipe.write_text(f"teacher: {teacher_file}\nstages:\n  - {{name: c, kind: chain, times: [0.4]}}\n")
     code, _, err = distill_main("run", recipe, "--out", tmp_path / "runs", "--dry-run")
     assert code == 2 and "stages[0].models" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_shipped_chain_names_the_shipped_members_and_checks_them(tmp_path, distill_main, monkeypatch):
+    """``mnist-2nfe`` resolves by name anywhere, holds no copies of its members, and is measured by the benchmark
+    under the digest of its chain.json (which records the members' sha256)."""
+    from benchmarks.bench.grid import model_sha256
+    from distill.chain import CHAIN_FILE, chain_dir, is_chain, read_chain
+    from distill.checkpoint import SHIPPED_DIR, file_sha256
+
+    monkeypatch.chdir(tmp_path)
+    assert is_chain("mnist-2nfe") and chain_dir("mnist-2nfe") == SHIPPED_DIR / "mnist-2nfe"
+    record = read_chain("mnist-2nfe")
+    assert [n for _, _, n in record["files"]] == ["mnist-dmd", "mnist-cd"]
+    for path, digest, name in record["files"]:
+        assert path.resolve() == (SHIPPED_DIR / f"{name}.safetensors").resolve() and file_sha256(path) == digest
+    assert sorted(p.name for p in (SHIPPED_DIR / "mnist-2nfe").iterdir()) == [CHAIN_FILE]
+    assert model_sha256("mnist-2nfe") == file_sha256(SHIPPED_DIR / "mnist-2nfe" / CHAIN_FILE)
+    chain = load_chain("mnist-2nfe")
+    assert chain.plan == [(0, 1.0), (1, 0.3)]
+    r = distill_main("sample", "mnist-2nfe", "--seeds", "0-1", "--out", tmp_path / "s")
+    assert r.returncode == 0, r.stderr
+    r = distill_main("card", "mnist-2nfe", "--dest", tmp_path / "cards")
+    assert r.returncode == 0 and "mnist-dmd" in (tmp_path / "cards" / "mnist-2nfe.md").read_text()

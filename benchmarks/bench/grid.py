@@ -105,9 +105,13 @@ def numerics(backend: str, precision: str) -> str:
 
 @cache
 def model_sha256(model: str) -> str:
-    """The sha256 of the model file (what an export's manifest records as its source)."""
+    """The sha256 of the model file (what an export's manifest records as its source); of a chain, its
+    ``chain.json`` (which records every member's sha256)."""
+    from distill.chain import CHAIN_FILE, chain_dir, is_chain
     from distill.checkpoint import file_sha256, resolve_model_path
 
+    if is_chain(model):
+        return file_sha256(chain_dir(model) / CHAIN_FILE)
     return file_sha256(resolve_model_path(model))
 
 

@@ -124,11 +124,17 @@ def model_card(*, title: str, path: Path, card: dict[str, Any], record: dict[str
 
 def shipped_card(model: str, *, table=None, machine: dict[str, Any] | None = None, notes: str | None = None,
                  regenerate: str = "") -> str:
-    """The card of a model file outside a run (a shipped model): its metadata, and its rows of a benchmark table."""
+    """The card of a model file outside a run (a shipped model; or a chain, from its ``chain.json``): its metadata,
+    and its rows of a benchmark table."""
+    from distill.chain import CHAIN_FILE, chain_dir, is_chain, read_chain
     from distill.checkpoint import read_metadata, resolve_model_path
 
-    path = resolve_model_path(model)
-    meta = read_metadata(path)
+    if is_chain(model):
+        path = chain_dir(model) / CHAIN_FILE
+        meta = read_chain(model)["metadata"]
+    else:
+        path = resolve_model_path(model)
+        meta = read_metadata(path)
     train = meta.get("train") or {}
     record = {"precision": "bf16" if train.get("bf16") else "fp32", "precision_reason": "as trained"}
     card = meta.get("card") or {}
