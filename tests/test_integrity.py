@@ -113,3 +113,19 @@ def test_a_destination_root_cannot_write_is_refused_before_anything_is_written(t
     # a bad model among several: no card is written, and no --dest folder made
     _one_line(distill_main("card", "mnist", "missing.safetensors", "--dest", tmp_path / "cards"), "missing")
     assert not (tmp_path / "cards").exists()
+
+
+@pytest.mark.parametrize("command", ["quality", "speed"])
+def test_a_second_benchmark_on_the_same_folder_is_one_line(teacher_file, tmp_path, distill_main, command):
+    """Two benchmark processes on one folder would interleave their records and (speed) skew each other's
+    timings: the second is refused while the first holds the folder."""
+    from distill.rundir import run_lock
+
+    out = tmp_path / "b"
+    args = ["bench", command, "--models", teacher_file, "--samplers", "ddim", "--steps", "2", "--backends", "eager",
+            "--precisions", "fp32", "--out", out]
+    args += ["--samples", "40", "--data", "digits", "--metrics", "fd"] if command == "quality" else \
+        ["--repeats", "3", "--max-seconds", "0.1", "--rounds", "1"]
+    with run_lock(out):
+        _one_line(distill_main(*args), str(out), "another distill run")
+    assert not (out / f"{command}.jsonl").exists()

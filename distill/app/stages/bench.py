@@ -125,6 +125,19 @@ class QualityConfig(GridFields):
     _metrics = field_validator("metrics", mode="before")(lambda cls, v: name_list(v, METRICS))
 
 
+def _one_writer(out: Path):
+    """The benchmark folder's lock (one process writing its results at a time; a second gets one line), held by
+    the main process of a multi-process run only (the others write shards the main one joins)."""
+    import contextlib
+    import os
+
+    from distill.rundir import run_lock
+
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return contextlib.nullcontext()
+    return run_lock(Path(out))
+
+
 def run_bench_quality(cfg: QualityConfig, out: Path) -> StageResult:
     from benchmarks.bench.quality import run_quality
     from benchmarks.evaluate import default_data
@@ -135,9 +148,10 @@ def run_bench_quality(cfg: QualityConfig, out: Path) -> StageResult:
         raise ConfigError("data", f"{grid.configs[0].model}: cannot tell which real data to compare against; give "
                           "data")
     _log_skipped(grid)
-    rows = run_quality(grid, Path(out), samples=cfg.samples, data_spec=data, metrics=tuple(cfg.metrics),
-                       device=cfg.device, batch_size=cfg.batch_size, force=cfg.force,
-                       exports=Path(cfg.exports) if cfg.exports else None, log=log.info)
+    with _one_writer(out):
+        rows = run_quality(grid, Path(out), samples=cfg.samples, data_spec=data, metrics=tuple(cfg.metrics),
+                           device=cfg.device, batch_size=cfg.batch_size, force=cfg.force,
+                           exports=Path(cfg.exports) if cfg.exports else None, log=log.info)
     return StageResult({"results": Path(out) / "quality.jsonl"},
                        {"quality": {r["quality_id"]: {m: r.get(m) for m in cfg.metrics} for r in rows}})
 
@@ -162,9 +176,10 @@ def run_bench_speed(cfg: SpeedConfig, out: Path) -> StageResult:
 
     grid = cfg.load_grid(out)
     _log_skipped(grid)
-    rows = run_speed(grid, Path(out), device=cfg.device, threads=cfg.threads, repeats=cfg.repeats,
-                     max_seconds=cfg.max_seconds, rounds=cfg.rounds, force=cfg.force,
-                     exports=Path(cfg.exports) if cfg.exports else None, log=log.info)
+    with _one_writer(out):  # two measuring at once would also skew each other's timings
+        rows = run_speed(grid, Path(out), device=cfg.device, threads=cfg.threads, repeats=cfg.repeats,
+                         max_seconds=cfg.max_seconds, rounds=cfg.rounds, force=cfg.force,
+                         exports=Path(cfg.exports) if cfg.exports else None, log=log.info)
     return StageResult({"results": Path(out) / "speed.jsonl"},
                        {"images_per_s": {r["config"]: r["images_per_s"] for r in rows}})
 
