@@ -132,3 +132,13 @@ def test_the_shipped_chain_names_the_shipped_members_and_checks_them(tmp_path, d
     assert r.returncode == 0, r.stderr
     r = distill_main("card", "mnist-2nfe", "--dest", tmp_path / "cards")
     assert r.returncode == 0 and "mnist-dmd" in (tmp_path / "cards" / "mnist-2nfe.md").read_text()
+
+
+def test_a_grid_runs_a_chain_eagerly_or_fused_and_lists_what_it_leaves_out():
+    from benchmarks.bench.grid import build_grid
+
+    grid = build_grid({"models": ["mnist-2nfe"], "batches": [1],
+                       "paths": ["eager-fp32", "compile-bf16", "onnxruntime-fp32", "onnxruntime-fused-fp32"]})
+    assert sorted(c.backend for c in grid.configs) == ["eager", "onnxruntime-fused"]
+    assert sorted(p for p, _ in grid.skipped) == ["compile-bf16 of mnist-2nfe consistency-2",
+                                                  "onnxruntime-fp32 of mnist-2nfe consistency-2"]

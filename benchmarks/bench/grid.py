@@ -186,6 +186,9 @@ def build_grid(spec: dict[str, Any], source: str = "the grid") -> Grid:
         inherit = {} if "paths" in own else {k: spec[k] for k in ("backends", "precisions") if k in spec}
         model_pairs = _pairs({**inherit, **own}, f"{source}: model entry {model}") if own else pairs
         meta = source_metadata(model)  # fails with one line for a missing model
+        from distill.chain import is_chain
+
+        chain = is_chain(model)
         samplers = _list(entry.get("samplers", entry.get("sampler", [None])), "samplers", source,
                          lambda s: s if s is None else str(s))
         step_list = _list(entry.get("steps", [None]), "steps", source, lambda s: s if s is None else int(s))
@@ -202,7 +205,7 @@ def build_grid(spec: dict[str, Any], source: str = "the grid") -> Grid:
                     if not math.isfinite(w):
                         raise UsageError(f"{source}: guidance {g!r} must be a finite number")
                     for backend, precision in model_pairs:
-                        why = _cannot(backend, precision, k)
+                        why = _cannot(backend, precision, k, chain)
                         if why:
                             point = f"{backend}-{precision}" + (f" of {model} {s}-{k}" if backend in why else "")
                             if (point, why) not in skipped:
@@ -245,7 +248,9 @@ def _pairs(spec: dict[str, Any], source: str) -> list[tuple[str, str]]:
     return [(b, p) for b in backends for p in precisions]
 
 
-def _cannot(backend: str, precision: str, steps: int) -> str | None:
+def _cannot(backend: str, precision: str, steps: int, chain: bool = False) -> str | None:
+    if chain and backend not in ("eager", "onnxruntime-fused"):
+        return f"{backend}: a chain of students runs eagerly or as one fused graph (onnxruntime-fused)"
     if precision not in RUNS[backend]:
         return f"runs only {', '.join(RUNS[backend])}"
     if backend == "onnxruntime-fused" and steps > MAX_FUSED_STEPS:
