@@ -26,8 +26,8 @@ class CliRun(NamedTuple):
 # The slowest modules first: the suite runs on two workers, one module at a time each, in this order (pyproject:
 # -n 2 --dist loadfile --no-loadscope-reorder); starting the long ones first keeps one worker from running a long
 # module alone at the end
-SLOW_MODULES = ("test_recipe_kills", "test_fuzz_cli", "test_kill_matrix", "test_export", "test_recipes",
-                "test_diffusers", "test_metrics", "test_core_math", "test_run_safety", "test_bench",
+SLOW_MODULES = ("test_fuzz_recipes", "test_recipe_kills", "test_fuzz_cli", "test_kill_matrix", "test_export",
+                "test_recipes", "test_diffusers", "test_metrics", "test_core_math", "test_run_safety", "test_bench",
                 "test_export_ready", "test_train_cli", "test_progressive", "test_consistency", "test_data_model")
 
 

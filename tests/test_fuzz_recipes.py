@@ -150,9 +150,10 @@ SEEN = {"ok": 0, "error": 0}
 
 @FUZZ
 @given(recipe=RECIPE, as_json=st.booleans())
-def test_a_generated_recipe_plans_or_fails_in_one_line(tmp_path, distill_main, recipe, as_json):
+def test_a_generated_recipe_plans_or_fails_in_one_line(tmp_path, distill_main, monkeypatch, recipe, as_json):
     folder = tmp_path / str(next(_count))
     folder.mkdir()
+    monkeypatch.chdir(folder)  # relative names in the recipe resolve here, whatever an earlier test left
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     out = folder / "out"

@@ -165,9 +165,14 @@ def test_every_runtime_status_is_checked(engine, fake_trt, fail, error, needle):
 
 
 def _edit_manifest(folder, **changes):
+    """Change manifest fields and record the folder's files again, as a writer that made them would (a read checks
+    every file against the manifest's sha256)."""
+    from distill.checkpoint import file_sha256
+
     path = folder / "manifest.json"
     m = json.loads(path.read_text())
     m.update(changes)
+    m["files"] = {name: file_sha256(folder / name) for name in m.get("files", {}) if (folder / name).is_file()}
     path.write_text(json.dumps(m))
 
 
@@ -175,7 +180,7 @@ def test_a_tampered_or_foreign_engine_is_refused(engine, fake_trt, tmp_path):
     shutil.copytree(engine, tmp_path / "tampered")
     with open(tmp_path / "tampered/model.engine", "ab") as f:
         f.write(b" ")
-    with pytest.raises(UsageError, match="sha256 differs from the one in its manifest"):
+    with pytest.raises(UsageError, match="bytes differ from those .*manifest.json recorded"):
         _backend(tmp_path / "tampered")
     shutil.copytree(engine, tmp_path / "old")
     m = json.loads((engine / "manifest.json").read_text())
@@ -223,6 +228,7 @@ def test_graphs_tensorrt_cannot_parse_are_refused_before_a_build(onnx_export, tm
     model.graph.node[0].op_type = "MatMulInteger"
     model.opset_import[0].version = 25
     onnx.save(model, str(src / "model.onnx"))
+    _edit_manifest(src)
     problems = tensorrt_graph_problems(model)
     assert any("opset 25 is outside 9-20" in p for p in problems)
     assert any("MatMulInteger" in p for p in problems)
