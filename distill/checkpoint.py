@@ -37,7 +37,8 @@ FIXABLE_OS_ERRORS = {errno.EACCES: "permission denied", errno.EPERM: "permission
                      errno.EBUSY: "the path is busy (a mount point or the current folder)"}
 
 
-def _fix(code: int) -> str:
+def fix_hint(code: int) -> str:
+    """What the user can do about a fixable OSError's code."""
     return ("free space or choose another output path" if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
             else "choose another output path")
 
@@ -48,7 +49,7 @@ def os_error_line(e: OSError) -> UsageError | None:
     if e.errno not in FIXABLE_OS_ERRORS:
         return None
     where = e.filename if e.filename is not None else "a file"
-    return UsageError(f"{where}: {FIXABLE_OS_ERRORS[e.errno]}; {_fix(e.errno)}")
+    return UsageError(f"{where}: {FIXABLE_OS_ERRORS[e.errno]}; {fix_hint(e.errno)}")
 
 
 def atomic_write(path: Path, write) -> None:
@@ -62,7 +63,7 @@ def atomic_write(path: Path, write) -> None:
     fixable = FIXABLE_OS_ERRORS
 
     def usage_error(code: int) -> UsageError:
-        return UsageError(f"{path}: cannot write it ({fixable[code]}); {_fix(code)}")
+        return UsageError(f"{path}: cannot write it ({fixable[code]}); {fix_hint(code)}")
 
     if path.is_dir():
         raise UsageError(f"{path}: cannot write it ({fixable[errno.EISDIR]}); give a file path")

@@ -8,6 +8,7 @@ removed by the next run, under the lock.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -44,11 +45,9 @@ def _exclusive(lock: Path, busy, cannot_open=None) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise busy(_holder(fd)) from None
-        try:  # the holder's pid, for the busy message; the lock holds without it (a full disk)
+        with contextlib.suppress(OSError):  # the holder's pid, for the busy message; the lock holds without it
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
-        except OSError:
-            pass
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
@@ -135,13 +134,13 @@ def staged_dir(out: Path):
             yield stage
         except OSError as e:
             shutil.rmtree(stage, ignore_errors=True)
-            from distill.checkpoint import FIXABLE_OS_ERRORS, os_error_line
+            from distill.checkpoint import FIXABLE_OS_ERRORS, fix_hint
 
             if e.errno not in FIXABLE_OS_ERRORS:
                 raise
             kept = f"; the previous {out} is kept" if out.exists() else ""
             raise UsageError(f"{out}: cannot write it ({FIXABLE_OS_ERRORS[e.errno]}){kept}; "
-                             f"{str(os_error_line(e)).rpartition('; ')[2]}") from None
+                             f"{fix_hint(e.errno)}") from None
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise

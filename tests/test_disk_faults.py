@@ -4,6 +4,7 @@ exit code 2, and the previous good output is intact byte for byte."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 import subprocess
@@ -37,12 +38,9 @@ def _digests(root: Path) -> dict[str, str]:
 
 
 def _fill(disk: Path) -> None:
-    with open(disk / "filler", "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * (1 << 16))
-        except OSError:
-            pass
+    with open(disk / "filler", "wb") as f, contextlib.suppress(OSError):  # until the disk is full
+        while True:
+            f.write(b"\0" * (1 << 16))
 
 
 def _remount_read_only(disk: Path) -> None:
